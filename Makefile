@@ -1,0 +1,57 @@
+# Underpass: the two set-up commands are `make demo` and `make test` (as root on
+# a fresh Debian machine). Everything they need is installed from here.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# System packages the tests and the demo use as real peers and parts.
+APT_PACKAGES := openssl curl ca-certificates iproute2
+
+.PHONY: demo test lint typecheck unit system-deps venv proto bench clean
+
+demo: system-deps $(STAMP)
+	$(BIN)/underpass demo
+
+test: system-deps $(STAMP) lint typecheck
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -m unit
+
+venv: $(STAMP)
+
+system-deps:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if ! $(PYTHON) -c 'import venv, ensurepip' 2>/dev/null; then missing="$$missing python3-venv"; fi; \
+	if [ -n "$$missing" ]; then \
+	    echo "==> installing system packages:" $$missing; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	        apt-get install -y -qq --no-install-recommends $$missing; \
+	else echo "==> system packages present"; fi
+
+$(STAMP): pyproject.toml
+	@echo "==> creating $(VENV) and installing underpass[test]"
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+# Regenerate the committed protobuf/gRPC modules from the .proto files
+# (tests/underpass/test_generated_protos.py fails when they drift).
+proto: $(STAMP)
+	$(BIN)/python -m underpass.protogen
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.ca_issuance
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info

@@ -1,0 +1,128 @@
+"""SPIFFE IDs.
+
+A workload identity in Underpass is ``spiffe://<trust-domain>/ns/<namespace>/sa/<sa>``.
+Parsing follows the SPIFFE ID specification (scheme, trust domain and path
+rules, 2048-byte limit) first, then requires the Kubernetes ``ns/<ns>/sa/<sa>``
+path shape. Errors say exactly what is wrong, because they end up in front of
+an operator (CA refusals, policy errors).
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+
+from identity.errors import InvalidSpiffeId
+
+SCHEME_PREFIX = "spiffe://"
+DEFAULT_TRUST_DOMAIN = "cluster.local"
+MAX_URI_BYTES = 2048
+MAX_TRUST_DOMAIN_BYTES = 255
+
+_TRUST_DOMAIN_CHARS = frozenset(string.ascii_lowercase + string.digits + ".-_")
+_PATH_SEGMENT_CHARS = frozenset(string.ascii_letters + string.digits + ".-_")
+
+
+def validate_trust_domain(trust_domain: str) -> str:
+    """Return ``trust_domain`` if it is valid, else raise :class:`InvalidSpiffeId`."""
+    if not trust_domain:
+        raise InvalidSpiffeId("trust domain is empty")
+    if len(trust_domain.encode()) > MAX_TRUST_DOMAIN_BYTES:
+        raise InvalidSpiffeId(f"trust domain is longer than {MAX_TRUST_DOMAIN_BYTES} bytes")
+    for ch in trust_domain:
+        if ch not in _TRUST_DOMAIN_CHARS:
+            raise InvalidSpiffeId(
+                f"trust domain {trust_domain!r} contains {ch!r}: only lowercase letters, "
+                "digits, '.', '-' and '_' are allowed"
+            )
+    return trust_domain
+
+
+def validate_path_segment(segment: str, what: str = "path segment") -> str:
+    """Return ``segment`` if it is a valid SPIFFE path segment."""
+    if not segment:
+        raise InvalidSpiffeId(f"{what} is empty")
+    if segment in (".", ".."):
+        raise InvalidSpiffeId(f"{what} is {segment!r}: '.' and '..' are not allowed")
+    for ch in segment:
+        if ch not in _PATH_SEGMENT_CHARS:
+            raise InvalidSpiffeId(
+                f"{what} {segment!r} contains {ch!r}: only letters, digits, '.', '-' "
+                "and '_' are allowed"
+            )
+    return segment
+
+
+def split_spiffe_uri(uri: str) -> tuple[str, list[str]]:
+    """Check ``uri`` against the generic SPIFFE ID rules.
+
+    Returns the trust domain and the path segments (possibly none).
+    """
+    if len(uri.encode()) > MAX_URI_BYTES:
+        raise InvalidSpiffeId(f"SPIFFE ID is longer than {MAX_URI_BYTES} bytes")
+    if not uri.startswith(SCHEME_PREFIX):
+        if uri[: len(SCHEME_PREFIX)].lower() == SCHEME_PREFIX:
+            raise InvalidSpiffeId(f"{uri!r}: the scheme must be lowercase 'spiffe://'")
+        raise InvalidSpiffeId(f"{uri!r} does not start with 'spiffe://'")
+    rest = uri[len(SCHEME_PREFIX) :]
+    for bad, name in (("?", "a query"), ("#", "a fragment"), ("%", "percent-encoding")):
+        if bad in rest:
+            raise InvalidSpiffeId(f"{uri!r} contains {name} ({bad!r}), which SPIFFE IDs forbid")
+    trust_domain, slash, path = rest.partition("/")
+    if ":" in trust_domain:
+        raise InvalidSpiffeId(f"{uri!r}: the trust domain must not have a port")
+    if "@" in trust_domain:
+        raise InvalidSpiffeId(f"{uri!r}: the trust domain must not have user info")
+    validate_trust_domain(trust_domain)
+    if not slash:
+        return trust_domain, []
+    if not path:
+        raise InvalidSpiffeId(f"{uri!r} ends with '/': trailing slashes are not allowed")
+    segments = path.split("/")
+    for segment in segments:
+        validate_path_segment(segment)
+    return trust_domain, segments
+
+
+@dataclass(frozen=True, slots=True)
+class SpiffeId:
+    """A workload identity: ``spiffe://<trust_domain>/ns/<namespace>/sa/<service_account>``."""
+
+    trust_domain: str
+    namespace: str
+    service_account: str
+
+    def __post_init__(self) -> None:
+        validate_trust_domain(self.trust_domain)
+        validate_path_segment(self.namespace, "namespace")
+        validate_path_segment(self.service_account, "service account")
+        if len(self.uri.encode()) > MAX_URI_BYTES:
+            raise InvalidSpiffeId(f"SPIFFE ID is longer than {MAX_URI_BYTES} bytes")
+
+    @classmethod
+    def parse(cls, uri: str) -> SpiffeId:
+        """Parse ``spiffe://<td>/ns/<ns>/sa/<sa>``; raise :class:`InvalidSpiffeId`."""
+        trust_domain, segments = split_spiffe_uri(uri)
+        if len(segments) != 4 or segments[0] != "ns" or segments[2] != "sa":
+            raise InvalidSpiffeId(
+                f"{uri!r} is a SPIFFE ID but not a workload identity: the path must be "
+                "/ns/<namespace>/sa/<service-account>"
+            )
+        return cls(trust_domain, segments[1], segments[3])
+
+    @classmethod
+    def from_principal(cls, principal: str) -> SpiffeId:
+        """Parse an Istio principal, a SPIFFE ID without ``spiffe://``."""
+        return cls.parse(SCHEME_PREFIX + principal)
+
+    @property
+    def uri(self) -> str:
+        return f"{SCHEME_PREFIX}{self.principal}"
+
+    @property
+    def principal(self) -> str:
+        """The ID without its scheme, as authorization policies name it."""
+        return f"{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
+
+    def __str__(self) -> str:
+        return self.uri
