@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import itertools
 import os
 import secrets
 from collections.abc import Callable, Sequence
@@ -526,7 +527,7 @@ def _check_chain(
 ) -> None:
     """Each certificate must be signed by the next, ending at one of the roots."""
     path = [signing_cert, *intermediates]
-    for child, parent in zip(path, path[1:], strict=False):
+    for child, parent in itertools.pairwise(path):
         _verify_issued_by(child, parent)
     last = path[-1]
     if last in roots:
