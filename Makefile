@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # System packages the tests and the demo use as real peers and parts.
-APT_PACKAGES := openssl curl ca-certificates iproute2
+APT_PACKAGES := openssl curl ca-certificates iproute2 nftables containernetworking-plugins
 
 .PHONY: demo test lint typecheck unit system-deps venv proto bench clean
 

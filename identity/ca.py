@@ -10,7 +10,7 @@ Two ways to get a signing key:
 
 Workload certificates carry exactly one SAN, the SPIFFE URI (critical, since
 the subject is empty), EKU serverAuth + clientAuth, digitalSignature and
-CA:false, a random 128-bit serial, and a lifetime that never outlives the
+CA:false, a random 127-bit serial, and a lifetime that never outlives the
 signer. Nothing from the CSR is copied except its public key.
 """
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import itertools
 import os
 import secrets
 from collections.abc import Callable, Sequence
@@ -26,13 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from identity.errors import CaConfigError, InvalidCsr, InvalidRequest, InvalidSpiffeId
-from identity.spiffe import SpiffeId
+from identity.spiffe import SpiffeId, validate_trust_domain
 
 Clock = Callable[[], dt.datetime]
 
@@ -49,7 +48,10 @@ ROOT_CERT_FILE = "root-cert.pem"
 
 SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 _STRONG_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
+_STRONG_CSR_HASHES = (hashes.SHA256, hashes.SHA384, hashes.SHA512)
 MIN_RSA_BITS = 2048
+ROOT_COMMON_NAME = "Underpass root CA"
+_MAX_NAME_ATTRIBUTE = 64  # upper bound of CN and O in X.509 (RFC 5280 ub-common-name etc.)
 
 
 def utcnow() -> dt.datetime:
@@ -57,7 +59,7 @@ def utcnow() -> dt.datetime:
 
 
 def random_serial() -> int:
-    """A positive serial with at least 64 (here 127+) random bits."""
+    """A positive 127-bit serial: the top bit set (fixed DER length), 126 random bits."""
     return secrets.randbits(SERIAL_BITS - 1) | (1 << (SERIAL_BITS - 2))
 
 
@@ -117,11 +119,19 @@ def validate_csr(csr_pem: bytes | str) -> ValidatedCsr:
         raise InvalidCsr(f"the CSR is not a PEM certificate request: {exc}") from exc
     try:
         key = csr.public_key()
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise InvalidCsr(f"the CSR's public key cannot be read: {exc}") from exc
     _check_key_strength(key)
-    if not csr.is_signature_valid:
+    try:
+        signature_ok = csr.is_signature_valid
+        signature_hash = csr.signature_hash_algorithm
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise InvalidCsr(f"the CSR's signature cannot be checked: {exc}") from exc
+    if not signature_ok:
         raise InvalidCsr("the CSR's signature does not verify against its own public key")
+    if not isinstance(signature_hash, _STRONG_CSR_HASHES):
+        name = signature_hash.name if signature_hash is not None else "none"
+        raise InvalidCsr(f"the CSR is signed with hash {name}; use SHA-256, SHA-384 or SHA-512")
     try:
         san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -177,8 +187,10 @@ class IssuedCertificate:
 class CertificateAuthority:
     """Signs workload and serving certificates with one signing key.
 
-    ``chain`` runs from the signing certificate up to (but excluding) the
-    roots; ``roots`` are the trust anchors (several during a root rotation).
+    ``intermediates`` are the certificates between the signing certificate and
+    the root it chains to (in that order, whatever order they were given in);
+    ``roots`` are the trust anchors (several during a root rotation), of which
+    the chain must reach one.
     """
 
     def __init__(
@@ -193,14 +205,17 @@ class CertificateAuthority:
     ) -> None:
         if not roots:
             raise CaConfigError("the CA has no root certificate")
+        try:
+            validate_trust_domain(trust_domain)
+        except InvalidSpiffeId as exc:
+            raise CaConfigError(f"the CA's trust domain is invalid: {exc}") from exc
         _check_key_matches(signing_cert, signing_key)
         self.trust_domain = trust_domain
         self.signing_cert = signing_cert
         self._signing_key = signing_key
-        self.intermediates = list(intermediates)
         self.roots = list(roots)
         self._clock = clock
-        _check_chain(signing_cert, self.intermediates, self.roots)
+        self.intermediates, self._anchor = _build_path(signing_cert, intermediates, self.roots)
         self._chain_tail_pem = [certificate_pem(c) for c in self._issuers()] + [
             "".join(certificate_pem(r) for r in self.roots)
         ]
@@ -240,10 +255,11 @@ class CertificateAuthority:
             )
         signing_cert = _only_certificate(directory / CA_CERT_FILE)
         key = _read_key(directory / CA_KEY_FILE)
-        roots = pem_certificates((directory / ROOT_CERT_FILE).read_bytes())
-        chain = pem_certificates((directory / CERT_CHAIN_FILE).read_bytes())
+        roots = _read_certificates(directory / ROOT_CERT_FILE)
+        chain = _read_certificates(directory / CERT_CHAIN_FILE)
         # cert-chain.pem conventionally starts with ca-cert.pem and may end with
-        # the root; keep only the certificates strictly between the two.
+        # the root; keep only the certificates strictly between the two (the
+        # constructor puts them in path order).
         intermediates = [c for c in chain if c != signing_cert and c not in roots]
         return cls(
             trust_domain=trust_domain,
@@ -259,6 +275,12 @@ class CertificateAuthority:
         cls, directory: Path, trust_domain: str, clock: Clock
     ) -> CertificateAuthority:
         cert = _only_certificate(directory / CA_CERT_FILE)
+        if not _is_self_signed(cert):
+            raise CaConfigError(
+                f"{directory / CA_CERT_FILE} is not a self-signed root (issuer "
+                f"{cert.issuer.rfc4514_string()!r}); a plugged-in intermediate CA also needs "
+                f"{CERT_CHAIN_FILE} and {ROOT_CERT_FILE} in {directory}"
+            )
         key = _read_key(directory / CA_KEY_FILE)
         return cls(
             trust_domain=trust_domain,
@@ -273,6 +295,19 @@ class CertificateAuthority:
     def _create_self_signed(
         cls, directory: Path, trust_domain: str, clock: Clock
     ) -> CertificateAuthority:
+        leftover = directory / CA_CERT_FILE
+        if leftover.exists() and not _is_own_root(_only_certificate(leftover)):
+            # Only a certificate we wrote ourselves (a crash before the key was
+            # written) may be replaced; anything else is an operator's file.
+            raise CaConfigError(
+                f"{leftover} exists but {directory / CA_KEY_FILE} does not; provide the key "
+                "(and, for an intermediate, cert-chain.pem and root-cert.pem) or remove the "
+                "certificate to let the CA create a self-signed root"
+            )
+        try:
+            validate_trust_domain(trust_domain)
+        except InvalidSpiffeId as exc:
+            raise CaConfigError(f"the CA's trust domain is invalid: {exc}") from exc
         key, cert = create_root(trust_domain, clock())
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         key_pem = key.private_bytes(
@@ -301,8 +336,13 @@ class CertificateAuthority:
 
     @property
     def signer_not_after(self) -> dt.datetime:
-        """No certificate we sign may outlive any certificate above it."""
-        return min(c.not_valid_after_utc for c in [*self._issuers(), *self.roots])
+        """No certificate we sign may outlive any certificate above it.
+
+        Only the certificates on the signing path count: another root in the
+        bundle (say, the old one during a rotation) may expire sooner without
+        shortening what this CA issues.
+        """
+        return min(c.not_valid_after_utc for c in [*self._issuers(), self._anchor])
 
     def sign_workload(
         self, csr: ValidatedCsr, lifetime: dt.timedelta | None = None
@@ -339,15 +379,32 @@ class CertificateAuthority:
         """A TLS server certificate (and its fresh key) for the CA's own endpoints."""
         if not dns_names and not ip_addresses:
             raise InvalidRequest("a serving certificate needs at least one DNS name or IP")
-        key = generate_workload_key()
-        names: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
-        names += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
+        names: list[x509.GeneralName] = []
+        for dns_name in dns_names:
+            if not dns_name or not dns_name.isascii() or any(c.isspace() for c in dns_name):
+                raise InvalidRequest(
+                    f"{dns_name!r} is not a DNS name (use ASCII A-labels, no spaces)"
+                )
+            names.append(x509.DNSName(dns_name))
+        for address in ip_addresses:
+            try:
+                names.append(x509.IPAddress(ipaddress.ip_address(address)))
+            except ValueError as exc:
+                raise InvalidRequest(f"{address!r} is not an IP address") from exc
         not_before, not_after = self._validity(lifetime, cap=None)
+        key = generate_workload_key()
         common_name = dns_names[0] if dns_names else ip_addresses[0]
+        # The subject carries the first name when it fits in a CN; otherwise the
+        # subject is empty and, as RFC 5280 requires then, the SAN is critical.
+        subject = (
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+            if len(common_name) <= _MAX_NAME_ATTRIBUTE
+            else x509.Name([])
+        )
         builder = (
             self._leaf_builder(key.public_key(), not_before, not_after)
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .subject_name(subject)
+            .add_extension(x509.SubjectAlternativeName(names), critical=not subject)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         )
         return key, self._sign(builder)
@@ -364,6 +421,8 @@ class CertificateAuthority:
                 f"the requested lifetime {lifetime} is longer than the maximum {cap}"
             )
         now = self._clock()
+        if now.tzinfo is None:
+            raise ValueError("the CA clock must return timezone-aware datetimes")
         not_after = min(now + lifetime, self.signer_not_after)
         if not_after <= now:
             raise CaConfigError(
@@ -397,12 +456,7 @@ class CertificateAuthority:
                 ),
                 critical=True,
             )
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                    self.signing_cert.public_key()  # type: ignore[arg-type]
-                ),
-                critical=False,
-            )
+            .add_extension(_authority_key_identifier(self.signing_cert), critical=False)
         )
 
     def _sign(self, builder: x509.CertificateBuilder) -> IssuedCertificate:
@@ -411,7 +465,7 @@ class CertificateAuthority:
 
     def _issuers(self) -> list[x509.Certificate]:
         """The signing certificate and intermediates, unless the signer is itself a root."""
-        if self.signing_cert in self.roots:
+        if self.signing_cert == self._anchor:
             return []
         return [self.signing_cert, *self.intermediates]
 
@@ -419,14 +473,16 @@ class CertificateAuthority:
 def create_root(
     trust_domain: str, now: dt.datetime, lifetime: dt.timedelta = ROOT_LIFETIME
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """A self-signed ECDSA P-256 root for ``trust_domain``."""
+    """A self-signed ECDSA P-256 root for ``trust_domain``.
+
+    The subject is ``O=<trust domain>, CN=Underpass root CA``; a trust domain
+    too long for an X.509 O attribute (64 characters) is left out of it.
+    """
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain),
-            x509.NameAttribute(NameOID.COMMON_NAME, "Underpass root CA"),
-        ]
-    )
+    attributes = [x509.NameAttribute(NameOID.COMMON_NAME, ROOT_COMMON_NAME)]
+    if 0 < len(trust_domain) <= _MAX_NAME_ATTRIBUTE:
+        attributes.insert(0, x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain))
+    name = x509.Name(attributes)
     cert = (
         ca_builder(name, name, key.public_key(), now - CLOCK_SKEW_BACKDATE, now + lifetime)
         .add_extension(
@@ -478,6 +534,7 @@ def _write_new_file(path: Path, data: bytes, mode: int) -> None:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
+        os.fchmod(fd, mode)  # exactly ``mode``, whatever the umask (still before any data)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -488,11 +545,22 @@ def _write_new_file(path: Path, data: bytes, mode: int) -> None:
         raise
 
 
-def _only_certificate(path: Path) -> x509.Certificate:
+def _read_certificates(path: Path) -> list[x509.Certificate]:
+    """Every certificate in the PEM file ``path``; CaConfigError naming the file otherwise."""
     try:
-        certs = pem_certificates(path.read_bytes())
+        data = path.read_bytes()
     except OSError as exc:
         raise CaConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError:
+        # The parser's message is not shown: it is generic, and the file may
+        # hold a private key by mistake.
+        raise CaConfigError(f"{path} does not hold PEM certificates") from None
+
+
+def _only_certificate(path: Path) -> x509.Certificate:
+    certs = _read_certificates(path)
     if len(certs) != 1:
         raise CaConfigError(f"{path} must hold exactly one certificate, found {len(certs)}")
     return certs[0]
@@ -505,9 +573,10 @@ def _read_key(path: Path) -> SigningKey:
         raise CaConfigError(f"cannot read {path}: {exc.strerror}") from exc
     try:
         key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as exc:
-        # Never include the key material in the message.
-        raise CaConfigError(f"{path} is not an unencrypted PEM private key") from exc
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        # Never include the key material in the message, nor chain the parser's
+        # exception (it would travel with tracebacks).
+        raise CaConfigError(f"{path} is not an unencrypted PEM private key") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         raise CaConfigError(f"{path} holds a {type(key).__name__}; use an ECDSA or RSA key")
     return key
@@ -520,28 +589,103 @@ def _check_key_matches(cert: x509.Certificate, key: SigningKey) -> None:
         raise CaConfigError("the CA key does not belong to the CA certificate")
 
 
-def _check_chain(
+def _build_path(
     signing_cert: x509.Certificate,
-    intermediates: list[x509.Certificate],
-    roots: list[x509.Certificate],
-) -> None:
-    """Each certificate must be signed by the next, ending at one of the roots."""
-    path = [signing_cert, *intermediates]
-    for child, parent in itertools.pairwise(path):
+    pool: Sequence[x509.Certificate],
+    roots: Sequence[x509.Certificate],
+) -> tuple[list[x509.Certificate], x509.Certificate]:
+    """Find the path from ``signing_cert`` through ``pool`` to one of ``roots``.
+
+    Returns the intermediates in path order (signer's issuer first) and the
+    root reached. Certificates of ``pool`` that are not on the path are left
+    out. Every certificate on the path must be a CA allowed to sign the path
+    below it.
+    """
+    if signing_cert in roots:
+        path: list[x509.Certificate] = []
+        anchor = signing_cert
+    else:
+        path = [signing_cert]
+        remaining = [c for c in pool if c != signing_cert and c not in roots]
+        while True:
+            current = path[-1]
+            found = next((r for r in roots if _is_issued_by(current, r)), None)
+            if found is not None:
+                anchor = found
+                break
+            parent = next((c for c in remaining if _is_issued_by(current, c)), None)
+            if parent is None:
+                raise CaConfigError(
+                    f"the CA chain does not reach a root in {ROOT_CERT_FILE}: "
+                    f"{current.subject.rfc4514_string()!r} (issuer "
+                    f"{current.issuer.rfc4514_string()!r}) is signed by none of the roots "
+                    f"and by no certificate in {CERT_CHAIN_FILE}"
+                )
+            remaining.remove(parent)
+            path.append(parent)
+    for depth, cert in enumerate([*path, anchor]):
+        _check_can_sign(cert, depth, is_anchor=cert is anchor)
+    return path[1:], anchor
+
+
+def _check_can_sign(cert: x509.Certificate, depth: int, *, is_anchor: bool) -> None:
+    """``cert`` signs a path with ``depth`` CA certificates below it (the leaf not counted)."""
+    what = f"CA certificate {cert.subject.rfc4514_string()!r}"
+    try:
+        constraints: x509.BasicConstraints | None = cert.extensions.get_extension_for_class(
+            x509.BasicConstraints
+        ).value
+    except x509.ExtensionNotFound:
+        constraints = None
+    if constraints is None or not constraints.ca:
+        if is_anchor and constraints is None:
+            return  # a (v1) trust anchor without extensions is trusted as configured
+        raise CaConfigError(f"{what} is not a CA (basicConstraints CA:TRUE is missing)")
+    if constraints.path_length is not None and constraints.path_length < depth:
+        raise CaConfigError(
+            f"{what} has pathlen:{constraints.path_length}, but {depth} CA certificate(s) "
+            "sit below it"
+        )
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return
+    if not usage.key_cert_sign:
+        raise CaConfigError(f"{what} may not sign certificates (keyUsage lacks keyCertSign)")
+
+
+def _is_issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
+    try:
         _verify_issued_by(child, parent)
-    last = path[-1]
-    if last in roots:
-        return
-    for root in roots:
-        try:
-            _verify_issued_by(last, root)
-        except CaConfigError:
-            continue
-        return
-    raise CaConfigError(
-        f"the CA chain does not end at a root in {ROOT_CERT_FILE}: "
-        f"{last.subject.rfc4514_string()!r} is signed by none of them"
-    )
+    except CaConfigError:
+        return False
+    return True
+
+
+def _is_self_signed(cert: x509.Certificate) -> bool:
+    return _is_issued_by(cert, cert)
+
+
+def _is_own_root(cert: x509.Certificate) -> bool:
+    """Whether ``cert`` looks like a root :func:`create_root` made."""
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return _is_self_signed(cert) and [n.value for n in names] == [ROOT_COMMON_NAME]
+
+
+def _authority_key_identifier(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+    """The AKI for certificates ``issuer`` signs: its SKI if it has one.
+
+    Recomputing the identifier from the public key would not match an issuer
+    whose SKI was derived another way, and verifiers (OpenSSL) match issuers
+    by it.
+    """
+    try:
+        ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(
+            issuer.public_key()  # type: ignore[arg-type]
+        )
+    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
 
 
 def _verify_issued_by(child: x509.Certificate, parent: x509.Certificate) -> None:
