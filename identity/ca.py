@@ -483,13 +483,14 @@ def create_root(
     if 0 < len(trust_domain) <= _MAX_NAME_ATTRIBUTE:
         attributes.insert(0, x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain))
     name = x509.Name(attributes)
-    cert = (
-        ca_builder(name, name, key.public_key(), now - CLOCK_SKEW_BACKDATE, now + lifetime)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False
-        )
-        .sign(key, hashes.SHA256())
-    )
+    cert = ca_builder(
+        name,
+        name,
+        key.public_key(),
+        now - CLOCK_SKEW_BACKDATE,
+        now + lifetime,
+        issuer_public_key=key.public_key(),
+    ).sign(key, hashes.SHA256())
     return key, cert
 
 
@@ -500,8 +501,15 @@ def ca_builder(
     not_before: dt.datetime,
     not_after: dt.datetime,
     path_length: int | None = None,
+    *,
+    issuer_public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey,
 ) -> x509.CertificateBuilder:
-    """The common part of every CA certificate (root or intermediate)."""
+    """The common part of every CA certificate (root or intermediate).
+
+    The authority key identifier is always added: OpenSSL's strict mode
+    (``-x509_strict``, Python's ``VERIFY_X509_STRICT``) rejects a CA certificate
+    below the root without one.
+    """
     return (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -526,6 +534,9 @@ def ca_builder(
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_public_key), critical=False
+        )
     )
 
 

@@ -77,3 +77,11 @@ class CertificateUnavailable(IdentityError):
 
 class PeerIdentityError(IdentityError):
     """A TLS peer's certificate does not carry an acceptable SPIFFE identity."""
+
+
+class AuthenticatorUnavailable(CertificateUnavailable):
+    """The CA cannot check callers right now (token file unusable, API server unreachable).
+
+    Answered as UNAVAILABLE: nobody is authenticated until the operator fixes it,
+    and callers retry with backoff.
+    """

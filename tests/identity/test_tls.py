@@ -199,24 +199,18 @@ def make_ca(trust_domain: str = TD) -> Authority:
 
 
 def make_ca_with_intermediate(trust_domain: str = TD) -> Authority:
-    """root -> intermediate (the signer); the intermediate carries an AKID (X509_STRICT)."""
+    """root -> intermediate (the signer)."""
     root_key, root = create_root(trust_domain, NOW)
     inter_key = generate_workload_key()
-    inter = (
-        ca_builder(
-            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Underpass intermediate")]),
-            root.subject,
-            inter_key.public_key(),
-            NOW - HOUR,
-            NOW + 30 * DAY,
-            path_length=0,
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()),
-            critical=False,
-        )
-        .sign(root_key, hashes.SHA256())
-    )
+    inter = ca_builder(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Underpass intermediate")]),
+        root.subject,
+        inter_key.public_key(),
+        NOW - HOUR,
+        NOW + 30 * DAY,
+        path_length=0,
+        issuer_public_key=root_key.public_key(),
+    ).sign(root_key, hashes.SHA256())
     ca = CertificateAuthority(
         trust_domain=trust_domain,
         signing_cert=inter,
