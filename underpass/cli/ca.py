@@ -43,6 +43,17 @@ The CA signs workload certificates (SPIFFE ID spiffe://<trust-domain>/ns/<ns>/sa
 over gRPC, as Istio's istio.v1.auth.IstioCertificateService/CreateCertificate, on TLS
 port 15012 by default, with a serving certificate it issues to itself.
 
+Network (serve):
+  --listen HOST:PORT       gRPC over TLS (default 0.0.0.0:15012; port 0 = any free port)
+  --serving-dns NAME       names in the CA's serving certificate, repeatable (default
+                           istiod.istio-system.svc, underpass-ca, localhost)
+  --serving-ip IP          IPs in it, repeatable (default 127.0.0.1 + the --listen IP)
+  --metrics-port PORT      Prometheus /metrics on the --listen host (default 15014;
+                           0 = any free port, -1 = off)
+  --trust-domain TD        trust domain signed for (default cluster.local)
+  On start it prints 'ready: address=HOST:PORT trust_domain=.. root_cert=.. metrics=..';
+  SIGINT or SIGTERM stops it after in-flight calls finish ('stopped').
+
 Signing key, one of:
   self-signed   --state-dir DIR (default /var/lib/underpass/ca): an ECDSA P-256 root
                 valid 10 years is created there on first start (ca-key.pem is 0600)
