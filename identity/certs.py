@@ -8,10 +8,12 @@ is never written to disk and never part of ``repr`` or logs.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -48,8 +50,9 @@ class WorkloadCertificate:
     ) -> WorkloadCertificate:
         """Build from a CA answer (leaf first, roots last), checking it is what we asked for.
 
-        The leaf must carry exactly the requested SPIFFE ID and our public key;
-        otherwise the answer is rejected, whatever the CA says.
+        The leaf must carry exactly the requested SPIFFE ID and our public key,
+        and each certificate must be signed by the next one up to a root of the
+        answer; otherwise the answer is rejected, whatever the CA says.
         """
         if len(chain_pem) < 2:
             raise CertificateUnavailable(
@@ -72,6 +75,7 @@ class WorkloadCertificate:
             der, spki
         ):
             raise CertificateUnavailable("the CA returned a certificate for a different key")
+        _check_signed_path([e[0] for e in elements[:-1]], elements[-1])
         return cls(
             identity=identity,
             private_key=private_key,
@@ -116,6 +120,28 @@ class WorkloadCertificate:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
+
+
+def _check_signed_path(path: Sequence[x509.Certificate], roots: Sequence[x509.Certificate]) -> None:
+    """Leaf -> intermediates -> one of ``roots``, each signed by the next."""
+    for child, parent in itertools.pairwise(path):
+        if not _issued_by(child, parent):
+            raise CertificateUnavailable(
+                f"the CA's chain is broken: {child.subject.rfc4514_string() or 'the leaf'!r} "
+                f"is not signed by {parent.subject.rfc4514_string()!r}"
+            )
+    if not any(_issued_by(path[-1], root) for root in roots):
+        raise CertificateUnavailable(
+            "the CA's chain does not reach any root in its answer; refusing the certificate"
+        )
+
+
+def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
+    try:
+        child.verify_directly_issued_by(parent)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def _uri_sans(cert: x509.Certificate) -> list[str]:
