@@ -7,9 +7,9 @@ import sys
 from collections.abc import Sequence
 
 from underpass import __version__, log
-from underpass.cli import ca, cni_agent, demo
+from underpass.cli import ca, cni_agent, demo, lab
 
-COMMAND_MODULES = (ca, demo, cni_agent)
+COMMAND_MODULES = (ca, demo, cni_agent, lab)
 
 
 def build_parser() -> argparse.ArgumentParser:
