@@ -7,9 +7,9 @@ import sys
 from collections.abc import Sequence
 
 from underpass import __version__, log
-from underpass.cli import ca, cni_agent, demo, lab
+from underpass.cli import ca, cni_agent, demo, discovery, lab
 
-COMMAND_MODULES = (ca, demo, cni_agent, lab)
+COMMAND_MODULES = (ca, demo, cni_agent, lab, discovery)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,485 @@
+"""Model -> workload discovery resources: one pure code path for every registry.
+
+:func:`translate` takes a :class:`~discovery.model.Model` and a
+:class:`TranslateConfig` and returns a :class:`Translation`: ``Address``
+resources (workloads and services), ``Authorization`` resources, and the
+:class:`~discovery.findings.Finding` values for what could not be honoured.
+No I/O, no clock, no logging: the same model always gives the same resources.
+
+Pod -> Workload
+    uid ``<cluster>//Pod/<ns>/<name>``; IPs as bytes; node; service account;
+    trust domain; network; ``tunnel_protocol`` HBONE when the pod is enrolled
+    (namespace label ``istio.io/dataplane-mode=ambient``, no pod opt-out
+    ``istio.io/dataplane-mode=none``, not host network; the mesh's namespace,
+    ``kube-system`` and configured exclusions never; optionally only once the
+    node agent annotated ``ambient.istio.io/redirection: enabled``); waypoint
+    from ``istio.io/use-waypoint`` (see below); ``services``: the TCP ports of
+    every Service of its namespace whose selector selects it, named target
+    ports resolved against the pod's container ports; ``authorization_policies``:
+    the WORKLOAD_SELECTOR policies that select it plus its PeerAuthentication
+    policy (see :mod:`discovery.authorization`); status HEALTHY when ready;
+    canonical name from ``service.istio.io/canonical-name``,
+    ``app.kubernetes.io/name``, ``app``, else the workload name; canonical
+    revision from ``service.istio.io/canonical-revision``,
+    ``app.kubernetes.io/version``, ``version``, else ``latest``; workload name
+    and type from the owner (ReplicaSet -> its Deployment, Job -> its CronJob
+    when named like one, other controllers by name, none -> the pod); locality
+    from the node's topology labels. Pods that finished (Succeeded, Failed)
+    are left out.
+
+Service -> Service
+    hostname ``<name>.<ns>.svc.<domain suffix>`` (unless the model sets one);
+    VIPs; TCP ports with their numeric target port (0 for a named one, which
+    each workload resolves); subject alt names; waypoint; IP families from
+    the VIPs.
+
+Waypoints
+    ``istio.io/use-waypoint=<gateway>`` on the pod or service beats the same
+    label on its namespace; ``none`` opts out; ``istio.io/use-waypoint-namespace``
+    names another namespace. The Gateway must be of the waypoint class; its
+    ``istio.io/waypoint-for`` label (``service`` by default, ``workload``,
+    ``all``, ``none``) says whether workloads and/or services use it. It is
+    reached at its status IP address, else its hostname, on its HBONE listener's
+    port (15008). A waypoint that does not exist is reported and still set, as
+    a hostname that resolves to nothing, so the traffic fails instead of
+    bypassing the waypoint's policy. A waypoint's own pods and service never
+    use a waypoint.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+from google.protobuf.message import Message
+
+from discovery.authorization import (
+    PeerAuthnTranslator,
+    index_peer_authentications,
+    translate_authorization_policy,
+)
+from discovery.findings import INVALID_ADDRESS, WAYPOINT_NOT_FOUND, Finding
+from discovery.model import (
+    TERMINAL_PHASES,
+    Gateway,
+    Model,
+    Pod,
+    Service,
+    ServicePort,
+)
+from underpass.proto import authorization_pb2, workload_pb2
+from underpass.xds.types import (
+    ADDRESS_TYPE_URL,
+    AUTHORIZATION_TYPE_URL,
+    authorization_resource_name,
+    service_resource_name,
+    workload_uid,
+)
+
+DATAPLANE_MODE_LABEL: Final = "istio.io/dataplane-mode"
+USE_WAYPOINT_LABEL: Final = "istio.io/use-waypoint"
+USE_WAYPOINT_NAMESPACE_LABEL: Final = "istio.io/use-waypoint-namespace"
+WAYPOINT_FOR_LABEL: Final = "istio.io/waypoint-for"
+GATEWAY_NAME_LABEL: Final = "gateway.networking.k8s.io/gateway-name"
+REDIRECTION_ANNOTATION: Final = "ambient.istio.io/redirection"
+DEFAULT_WAYPOINT_CLASS: Final = "istio-waypoint"
+HBONE_PORT: Final = 15008
+ALWAYS_EXCLUDED_NAMESPACES: Final = frozenset({"kube-system"})
+
+_CANONICAL_NAME_LABELS: Final = ("service.istio.io/canonical-name", "app.kubernetes.io/name", "app")
+_CANONICAL_REVISION_LABELS: Final = (
+    "service.istio.io/canonical-revision",
+    "app.kubernetes.io/version",
+    "version",
+)
+_CRONJOB_JOB_NAME: Final = re.compile(r"^(.+)-\d{8,10}$")
+_APP_PROTOCOLS: Final = {
+    "http": workload_pb2.HTTP11,
+    "http2": workload_pb2.HTTP2,
+    "kubernetes.io/h2c": workload_pb2.HTTP2,
+    "grpc": workload_pb2.GRPC,
+    "tcp": workload_pb2.TCP,
+    "tls": workload_pb2.TLS,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TranslateConfig:
+    """The mesh's settings that translation depends on."""
+
+    cluster_id: str = "Kubernetes"
+    trust_domain: str = "cluster.local"
+    domain_suffix: str = "cluster.local"
+    #: Policies here without a selector are GLOBAL; mesh-wide PeerAuthentication lives here.
+    root_namespace: str = "istio-system"
+    #: The mesh's own namespace: never captured.
+    mesh_namespace: str = "istio-system"
+    excluded_namespaces: frozenset[str] = frozenset()
+    network: str = ""
+    waypoint_class: str = DEFAULT_WAYPOINT_CLASS
+    #: HBONE only once the node agent annotated the pod as redirected (as Istio does).
+    require_redirection_annotation: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Translation:
+    """The resources of one model, by resource name, and the findings."""
+
+    addresses: Mapping[str, workload_pb2.Address]
+    authorizations: Mapping[str, authorization_pb2.Authorization]
+    findings: tuple[Finding, ...] = ()
+    #: The waypoint policies (``targetRefs``) left to waypoints, by resource name.
+    waypoint_policies: tuple[str, ...] = field(default=())
+
+    def resources(self) -> dict[str, Mapping[str, Message]]:
+        """Type URL -> name -> message, as the xDS snapshot wants them."""
+        return {ADDRESS_TYPE_URL: self.addresses, AUTHORIZATION_TYPE_URL: self.authorizations}
+
+    @property
+    def workloads(self) -> dict[str, workload_pb2.Workload]:
+        return {n: a.workload for n, a in self.addresses.items() if a.HasField("workload")}
+
+    @property
+    def services(self) -> dict[str, workload_pb2.Service]:
+        return {n: a.service for n, a in self.addresses.items() if a.HasField("service")}
+
+
+def is_enrolled(pod: Pod, namespace_labels: Mapping[str, str], config: TranslateConfig) -> bool:
+    """Whether the pod is captured (PROTOCOLS.md section 7; the CNI agent decides the same)."""
+    if (
+        pod.namespace in ALWAYS_EXCLUDED_NAMESPACES
+        or pod.namespace == config.mesh_namespace
+        or pod.namespace in config.excluded_namespaces
+        or pod.host_network
+        or pod.labels.get(DATAPLANE_MODE_LABEL) == "none"
+        or namespace_labels.get(DATAPLANE_MODE_LABEL) != "ambient"
+    ):
+        return False
+    return (
+        not config.require_redirection_annotation
+        or pod.annotations.get(REDIRECTION_ANNOTATION) == "enabled"
+    )
+
+
+def canonical_name(labels: Mapping[str, str], workload_name: str) -> str:
+    return next((labels[k] for k in _CANONICAL_NAME_LABELS if labels.get(k)), workload_name)
+
+
+def canonical_revision(labels: Mapping[str, str]) -> str:
+    return next((labels[k] for k in _CANONICAL_REVISION_LABELS if labels.get(k)), "latest")
+
+
+def workload_name_and_type(pod: Pod) -> tuple[str, workload_pb2.WorkloadType]:
+    """The controller a pod belongs to, as Istio names it."""
+    owner = pod.owner
+    if owner is None:
+        return pod.name, workload_pb2.POD
+    if owner.kind == "ReplicaSet":
+        template_hash = pod.labels.get("pod-template-hash", "")
+        if template_hash and owner.name.endswith("-" + template_hash):
+            return owner.name[: -len(template_hash) - 1], workload_pb2.DEPLOYMENT
+        return owner.name, workload_pb2.DEPLOYMENT
+    if owner.kind == "Job":
+        cron = _CRONJOB_JOB_NAME.match(owner.name)
+        if cron:
+            return cron.group(1), workload_pb2.CRONJOB
+        return owner.name, workload_pb2.JOB
+    return owner.name, workload_pb2.DEPLOYMENT
+
+
+def _packed(ip: str) -> bytes:
+    return ipaddress.ip_address(ip).packed
+
+
+def _app_protocol(port: ServicePort) -> workload_pb2.AppProtocol:
+    return _APP_PROTOCOLS.get(port.app_protocol.lower(), workload_pb2.UNKNOWN)
+
+
+class _Translator:
+    """One translation run: indexes of the model, findings, memoised waypoints."""
+
+    def __init__(self, model: Model, config: TranslateConfig) -> None:
+        self.model = model
+        self.config = config
+        self.findings: list[Finding] = []
+        self.services_by_ns: dict[str, list[Service]] = {}
+        for svc in sorted(model.services.values(), key=lambda s: s.key):
+            self.services_by_ns.setdefault(svc.namespace, []).append(svc)
+        self.peer_authn = PeerAuthnTranslator(
+            index_peer_authentications(model.peer_authentications.values(), config.root_namespace)
+        )
+        self._waypoints: dict[tuple[str, str, str], workload_pb2.GatewayAddress | None] = {}
+
+    def hostname(self, namespace: str, name: str) -> str:
+        return f"{name}.{namespace}.svc.{self.config.domain_suffix}"
+
+    def service_hostname(self, svc: Service) -> str:
+        return svc.hostname or self.hostname(svc.namespace, svc.name)
+
+    # -- waypoints ------------------------------------------------------------
+
+    def waypoint(
+        self, kind: str, namespace: str, labels: Mapping[str, str]
+    ) -> workload_pb2.GatewayAddress | None:
+        """The waypoint a workload or service (``kind``) in ``namespace`` with ``labels`` uses."""
+        if USE_WAYPOINT_LABEL in labels:
+            name = labels[USE_WAYPOINT_LABEL]
+            gw_ns = labels.get(USE_WAYPOINT_NAMESPACE_LABEL) or namespace
+        else:
+            ns_labels = self.model.namespace_labels(namespace)
+            name = ns_labels.get(USE_WAYPOINT_LABEL, "")
+            gw_ns = ns_labels.get(USE_WAYPOINT_NAMESPACE_LABEL) or namespace
+        if not name or name == "none":
+            return None
+        if labels.get(GATEWAY_NAME_LABEL) == name and gw_ns == namespace:
+            return None  # the waypoint itself
+        key = (kind, gw_ns, name)
+        if key not in self._waypoints:
+            self._waypoints[key] = self._resolve_waypoint(kind, gw_ns, name)
+        return self._waypoints[key]
+
+    def _resolve_waypoint(
+        self, kind: str, gw_ns: str, name: str
+    ) -> workload_pb2.GatewayAddress | None:
+        gateway = self.model.gateways.get((gw_ns, name))
+        if gateway is None or gateway.gateway_class != self.config.waypoint_class:
+            what = "does not exist" if gateway is None else "is not of the waypoint class"
+            self.findings.append(
+                Finding(
+                    "Gateway",
+                    gw_ns,
+                    name,
+                    f"{USE_WAYPOINT_LABEL} ({kind}s)",
+                    WAYPOINT_NOT_FOUND,
+                    f"the waypoint {what}; {kind}s using it get an unresolvable waypoint, "
+                    "so their traffic fails instead of bypassing it",
+                )
+            )
+            return workload_pb2.GatewayAddress(
+                hostname=workload_pb2.NamespacedHostname(
+                    namespace=gw_ns, hostname=self.hostname(gw_ns, name)
+                ),
+                hbone_mtls_port=HBONE_PORT,
+            )
+        waypoint_for = gateway.labels.get(WAYPOINT_FOR_LABEL, "service")
+        if waypoint_for not in (kind, "all"):
+            return None
+        return self._gateway_address(gateway)
+
+    def _gateway_address(self, gateway: Gateway) -> workload_pb2.GatewayAddress:
+        port = next((lst.port for lst in gateway.listeners if lst.protocol == "HBONE"), HBONE_PORT)
+        for ip in gateway.addresses:
+            try:
+                packed = _packed(ip)
+            except ValueError:
+                continue
+            return workload_pb2.GatewayAddress(
+                address=workload_pb2.NetworkAddress(network=self.config.network, address=packed),
+                hbone_mtls_port=port,
+            )
+        return workload_pb2.GatewayAddress(
+            hostname=workload_pb2.NamespacedHostname(
+                namespace=gateway.namespace,
+                hostname=gateway.hostname or self.hostname(gateway.namespace, gateway.name),
+            ),
+            hbone_mtls_port=port,
+        )
+
+    # -- services -------------------------------------------------------------
+
+    def addresses(self, kind: str, namespace: str, name: str, ips: tuple[str, ...]) -> list[bytes]:
+        out = []
+        for ip in ips:
+            try:
+                out.append(_packed(ip))
+            except ValueError:
+                self.findings.append(
+                    Finding(kind, namespace, name, "addresses", INVALID_ADDRESS, f"{ip!r} left out")
+                )
+        return out
+
+    def service(self, svc: Service) -> workload_pb2.Service:
+        vips = self.addresses("Service", svc.namespace, svc.name, svc.vips)
+        out = workload_pb2.Service(
+            name=svc.name,
+            namespace=svc.namespace,
+            hostname=self.service_hostname(svc),
+            addresses=[
+                workload_pb2.NetworkAddress(network=self.config.network, address=a) for a in vips
+            ],
+            ports=[
+                workload_pb2.Port(
+                    service_port=p.port,
+                    target_port=p.target if isinstance(p.target, int) else 0,
+                    app_protocol=_app_protocol(p),
+                )
+                for p in svc.ports
+                if p.protocol.upper() == "TCP"
+            ],
+            subject_alt_names=list(svc.subject_alt_names),
+        )
+        v4 = any(len(a) == 4 for a in vips)
+        v6 = any(len(a) == 16 for a in vips)
+        out.ip_families = (
+            workload_pb2.DUAL
+            if v4 and v6
+            else workload_pb2.IPV4_ONLY
+            if v4
+            else workload_pb2.IPV6_ONLY
+            if v6
+            else workload_pb2.AUTOMATIC
+        )
+        waypoint = self.waypoint("service", svc.namespace, svc.labels)
+        if waypoint is not None:
+            out.waypoint.CopyFrom(waypoint)
+        return out
+
+    def pod_services(self, pod: Pod) -> dict[str, workload_pb2.PortList]:
+        named = {p.name: p.port for p in pod.ports if p.name}
+        out: dict[str, workload_pb2.PortList] = {}
+        for svc in self.services_by_ns.get(pod.namespace, ()):
+            if svc.selector is None or not svc.selector:
+                continue  # no selector: no endpoints from pods (an empty one selects none too)
+            if not all(pod.labels.get(k) == v for k, v in svc.selector.items()):
+                continue
+            ports = []
+            for p in svc.ports:
+                if p.protocol.upper() != "TCP":
+                    continue
+                target = p.target
+                if isinstance(target, str):
+                    resolved = named.get(target)
+                    if resolved is None:
+                        continue  # the pod has no such port: no endpoint for it
+                    target = resolved
+                ports.append(
+                    workload_pb2.Port(
+                        service_port=p.port, target_port=target, app_protocol=_app_protocol(p)
+                    )
+                )
+            out[service_resource_name(svc.namespace, self.service_hostname(svc))] = (
+                workload_pb2.PortList(ports=ports)
+            )
+        return out
+
+    # -- workloads ------------------------------------------------------------
+
+    def workload(
+        self, pod: Pod, selector_policies: list[tuple[str, str | None, Mapping[str, str]]]
+    ) -> workload_pb2.Workload:
+        config = self.config
+        name, wtype = workload_name_and_type(pod)
+        enrolled = is_enrolled(pod, self.model.namespace_labels(pod.namespace), config)
+        out = workload_pb2.Workload(
+            uid=workload_uid(config.cluster_id, pod.namespace, pod.name),
+            name=pod.name,
+            namespace=pod.namespace,
+            addresses=self.addresses("Pod", pod.namespace, pod.name, pod.ips),
+            network=config.network,
+            tunnel_protocol=workload_pb2.HBONE if enrolled else workload_pb2.NONE,
+            trust_domain=config.trust_domain,
+            service_account=pod.service_account,
+            node=pod.node,
+            canonical_name=canonical_name(pod.labels, name),
+            canonical_revision=canonical_revision(pod.labels),
+            workload_type=wtype,
+            workload_name=name,
+            status=workload_pb2.HEALTHY
+            if pod.ready and pod.phase == "Running" and not pod.terminating
+            else workload_pb2.UNHEALTHY,
+            cluster_id=config.cluster_id,
+            network_mode=workload_pb2.HOST_NETWORK if pod.host_network else workload_pb2.STANDARD,
+        )
+        node = self.model.nodes.get(pod.node)
+        if node is not None:
+            region = node.labels.get("topology.kubernetes.io/region", "")
+            zone = node.labels.get("topology.kubernetes.io/zone", "")
+            subzone = node.labels.get("topology.istio.io/subzone", "")
+            if region or zone or subzone:
+                out.locality.CopyFrom(
+                    workload_pb2.Locality(region=region, zone=zone, subzone=subzone)
+                )
+        waypoint = self.waypoint("workload", pod.namespace, pod.labels)
+        if waypoint is not None:
+            out.waypoint.CopyFrom(waypoint)
+        for key, ports in self.pod_services(pod).items():
+            out.services[key].CopyFrom(ports)
+        policies = [
+            resource
+            for resource, namespace, selector in selector_policies
+            if (namespace is None or namespace == pod.namespace)
+            and all(pod.labels.get(k) == v for k, v in selector.items())
+        ]
+        decision = self.peer_authn.decide(pod.namespace, pod.labels)
+        if decision.policy is not None:
+            policies.append(decision.policy)
+        out.authorization_policies.extend(sorted(set(policies)))
+        return out
+
+
+def translate(model: Model, config: TranslateConfig | None = None) -> Translation:
+    """The workload discovery resources of ``model`` (see the module docstring)."""
+    config = config or TranslateConfig()
+    t = _Translator(model, config)
+    authorizations: dict[str, authorization_pb2.Authorization] = {}
+    waypoint_policies: list[str] = []
+    # (resource name, namespace it selects in or None for every namespace, selector)
+    selector_policies: list[tuple[str, str | None, Mapping[str, str]]] = []
+    for key in sorted(model.authorization_policies):
+        policy = model.authorization_policies[key]
+        resource = authorization_resource_name(policy.namespace, policy.name)
+        translated, findings = translate_authorization_policy(policy, config.root_namespace)
+        t.findings += findings
+        if translated is None:
+            if policy.target_refs:
+                waypoint_policies.append(resource)
+            continue
+        authorizations[resource] = translated
+        if translated.scope == authorization_pb2.WORKLOAD_SELECTOR and policy.selector is not None:
+            scope_ns = None if policy.namespace == config.root_namespace else policy.namespace
+            selector_policies.append((resource, scope_ns, policy.selector))
+
+    addresses: dict[str, workload_pb2.Address] = {}
+    for key in sorted(model.services):
+        svc = model.services[key]
+        addresses[service_resource_name(svc.namespace, t.service_hostname(svc))] = (
+            workload_pb2.Address(service=t.service(svc))
+        )
+    for key in sorted(model.pods):
+        pod = model.pods[key]
+        if pod.phase in TERMINAL_PHASES:
+            continue
+        workload = t.workload(pod, selector_policies)
+        addresses[workload.uid] = workload_pb2.Address(workload=workload)
+
+    authorizations.update(t.peer_authn.resources)
+    findings = sorted(set(t.findings + t.peer_authn.findings))
+    return Translation(
+        addresses=types.MappingProxyType(addresses),
+        authorizations=types.MappingProxyType(authorizations),
+        findings=tuple(findings),
+        waypoint_policies=tuple(waypoint_policies),
+    )
+
+
+__all__ = [
+    "DATAPLANE_MODE_LABEL",
+    "DEFAULT_WAYPOINT_CLASS",
+    "GATEWAY_NAME_LABEL",
+    "HBONE_PORT",
+    "REDIRECTION_ANNOTATION",
+    "USE_WAYPOINT_LABEL",
+    "USE_WAYPOINT_NAMESPACE_LABEL",
+    "WAYPOINT_FOR_LABEL",
+    "TranslateConfig",
+    "Translation",
+    "canonical_name",
+    "canonical_revision",
+    "is_enrolled",
+    "translate",
+    "workload_name_and_type",
+]

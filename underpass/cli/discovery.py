@@ -1,0 +1,263 @@
+"""``underpass discovery``: run the control plane (Delta ADS + the CA in one process).
+
+``underpass discovery serve`` serves workload discovery
+(``envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources``)
+over TLS on 15012 with the certificate authority's ``IstioCertificateService``
+on the same port, and plaintext xDS on 15010 only with ``--plaintext-listen``.
+The registry is, for now, a static model file (``--model``, YAML; see
+:mod:`discovery.modelfile`) or nothing; the lab and Kubernetes registries come
+next. Prints one ``ready:`` line once it serves; SIGINT/SIGTERM stop it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+DEFAULT_STATE_DIR = Path("/var/lib/underpass/ca")
+DEFAULT_METRICS_PORT = 15014
+DEFAULT_NODE_AGENTS = ("istio-system/ztunnel",)
+
+DESCRIPTION = """\
+Run the Underpass control plane: workload discovery over Delta ADS (what ztunnel
+subscribes to) and the certificate authority, in one process.
+
+  TLS 15012      xDS + CA (serving certificate issued by the CA itself)
+  plaintext      xDS only, when --plaintext-listen is given (e.g. 0.0.0.0:15010)
+  metrics        Prometheus /metrics on --metrics-port (default 15014)
+
+Translation follows Istio ambient: namespaces labelled istio.io/dataplane-mode=ambient
+are in the mesh; istio.io/use-waypoint picks waypoints; AuthorizationPolicy and
+PeerAuthentication become L4 Authorization resources, failing closed (and logged)
+where a field cannot be enforced at L4.
+"""
+
+
+def _build_ca(args: argparse.Namespace, registry: Any) -> tuple[Any, Any]:
+    """(CertificateAuthority, CaServicer or None)."""
+    from identity.auth import Authorizer, LabTokenAuthenticator, parse_node_agent
+    from identity.ca import CertificateAuthority
+    from identity.errors import CaConfigError
+    from identity.server import CaMetrics, CaServicer
+
+    if args.plugged_certs:
+        ca = CertificateAuthority.from_plugged_files(args.plugged_certs, args.trust_domain)
+    else:
+        ca = CertificateAuthority.load_or_create(args.state_dir, args.trust_domain)
+    if args.no_ca_service:
+        return ca, None
+    agents = [parse_node_agent(a) for a in args.trusted_node_agent or DEFAULT_NODE_AGENTS]
+    authenticator: Any
+    node_index: Any
+    if args.auth == "lab":
+        if args.lab_tokens is None:
+            raise CaConfigError("--auth lab needs --lab-tokens FILE (or --no-ca-service)")
+        lab = LabTokenAuthenticator(args.lab_tokens, args.trust_domain)
+        authenticator, node_index = lab, lab
+    else:
+        from kubernetes import client, config
+
+        from identity.auth import KubernetesNodeIndex, KubernetesTokenReviewAuthenticator
+
+        try:
+            if args.kubeconfig:
+                config.load_kube_config(config_file=str(args.kubeconfig))  # type: ignore[no-untyped-call]
+            else:
+                config.load_incluster_config()  # type: ignore[no-untyped-call]
+        except Exception as exc:
+            raise CaConfigError(
+                f"cannot configure the Kubernetes client ({type(exc).__name__}: {exc}); "
+                "run in a pod or pass --kubeconfig"
+            ) from None
+        authenticator = KubernetesTokenReviewAuthenticator(
+            client.AuthenticationV1Api(), args.trust_domain
+        )
+        node_index = KubernetesNodeIndex(client.CoreV1Api())
+    servicer = CaServicer(
+        ca,
+        authenticator,
+        Authorizer(args.trust_domain, node_index, agents),
+        cluster_id=args.cluster_id,
+        metrics=CaMetrics(registry),
+    )
+    return ca, servicer
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import prometheus_client
+
+    from discovery.errors import DiscoveryError
+    from discovery.modelfile import load_model
+    from discovery.registry import MemoryRegistry
+    from discovery.server import DiscoveryServer
+    from discovery.translate import TranslateConfig
+    from identity.errors import IdentityError
+    from identity.server import split_host_port
+
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    server: DiscoveryServer | None = None
+    metrics: Any = None
+    try:
+        try:
+            registry = prometheus_client.CollectorRegistry()
+            model = load_model(args.model) if args.model else None
+            ca, servicer = _build_ca(args, registry)
+            config = TranslateConfig(
+                cluster_id=args.cluster_id,
+                trust_domain=args.trust_domain,
+                domain_suffix=args.domain_suffix,
+                root_namespace=args.root_namespace,
+                mesh_namespace=args.mesh_namespace,
+                excluded_namespaces=frozenset(args.exclude_namespace or ()),
+                network=args.network,
+            )
+            server = DiscoveryServer(
+                MemoryRegistry(model),
+                config=config,
+                ca=ca,
+                ca_servicer=servicer,
+                listen=args.listen,
+                plaintext_listen=args.plaintext_listen,
+                serving_dns_names=args.serving_dns or ("istiod.istio-system.svc", "localhost"),
+                serving_ips=args.serving_ip or ("127.0.0.1",),
+                metrics_registry=registry,
+                quiet=args.debounce,
+                max_delay=args.debounce_max,
+            )
+            server.start()
+            metrics_text = "off"
+            if args.metrics_port >= 0:
+                host, _ = split_host_port(args.listen or args.plaintext_listen)
+                metrics, _thread = prometheus_client.start_http_server(
+                    args.metrics_port, host, registry
+                )
+                metrics_text = f"http://{host}:{metrics.server_port}/metrics"
+        except (DiscoveryError, IdentityError, OSError) as exc:
+            print(f"underpass discovery serve: error: {exc}", file=sys.stderr)
+            return 1
+        print(
+            f"ready: tls={server.tls_address if server.tls_port else 'off'} "
+            f"plaintext={server.plaintext_address if server.plaintext_port else 'off'} "
+            f"ca={'on' if servicer is not None else 'off'} metrics={metrics_text}",
+            flush=True,
+        )
+        stop.wait()
+        print("stopping: signal received", flush=True)
+    finally:
+        if server is not None:
+            server.stop(grace=args.grace)
+        if metrics is not None:
+            metrics.shutdown()
+            metrics.server_close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    print("stopped", flush=True)
+    return 0
+
+
+def _add_serve(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "serve",
+        help="serve workload discovery (Delta ADS) and the CA",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    mesh = p.add_argument_group("mesh")
+    mesh.add_argument("--cluster-id", default="Kubernetes", help="default: %(default)s")
+    mesh.add_argument("--trust-domain", default="cluster.local", help="default: %(default)s")
+    mesh.add_argument("--domain-suffix", default="cluster.local", help="default: %(default)s")
+    mesh.add_argument(
+        "--root-namespace",
+        default="istio-system",
+        help="policies here apply mesh-wide (default: %(default)s)",
+    )
+    mesh.add_argument(
+        "--mesh-namespace",
+        default="istio-system",
+        help="the mesh's own namespace, never captured (default: %(default)s)",
+    )
+    mesh.add_argument(
+        "--exclude-namespace", action="append", metavar="NS", help="never capture NS (repeatable)"
+    )
+    mesh.add_argument("--network", default="", help="network name of this cluster's addresses")
+    mesh.add_argument(
+        "--model", type=Path, metavar="FILE", help="static model (YAML) to serve (registry)"
+    )
+    net = p.add_argument_group("network")
+    net.add_argument(
+        "--listen",
+        default="0.0.0.0:15012",
+        metavar="HOST:PORT",
+        help="xDS + CA over TLS; port 0 picks a free one (default: %(default)s)",
+    )
+    net.add_argument(
+        "--plaintext-listen",
+        metavar="HOST:PORT",
+        help="also serve xDS (not the CA) in plaintext here, e.g. 0.0.0.0:15010",
+    )
+    net.add_argument("--serving-dns", action="append", metavar="NAME", help="serving cert DNS SAN")
+    net.add_argument("--serving-ip", action="append", metavar="IP", help="serving cert IP SAN")
+    net.add_argument(
+        "--metrics-port",
+        type=int,
+        default=DEFAULT_METRICS_PORT,
+        help="Prometheus port on the listen host; -1 disables (default: %(default)s)",
+    )
+    net.add_argument(
+        "--debounce",
+        type=float,
+        default=0.1,
+        help="seconds of registry quiet before a push (default: %(default)s)",
+    )
+    net.add_argument(
+        "--debounce-max",
+        type=float,
+        default=1.0,
+        help="longest a push waits during a stream of changes (default: %(default)s)",
+    )
+    net.add_argument("--grace", type=float, default=5.0, help="stop grace (default: %(default)s)")
+    ca = p.add_argument_group("certificate authority")
+    ca.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="CA state directory")
+    ca.add_argument("--plugged-certs", type=Path, metavar="DIR", help="plugged-in CA files")
+    ca.add_argument(
+        "--no-ca-service",
+        action="store_true",
+        help="do not serve the CA's API (its key still issues the serving certificate)",
+    )
+    ca.add_argument("--auth", choices=("lab", "kubernetes"), default="lab", help="CA callers")
+    ca.add_argument("--lab-tokens", type=Path, metavar="FILE", help="lab token file")
+    ca.add_argument("--kubeconfig", type=Path, help="kubeconfig for --auth kubernetes")
+    ca.add_argument(
+        "--trusted-node-agent",
+        action="append",
+        metavar="NS/SA",
+        help=f"may impersonate pods on its node (default: {', '.join(DEFAULT_NODE_AGENTS)})",
+    )
+    p.set_defaults(func=_serve)
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "discovery",
+        help="run the control plane (workload discovery over Delta ADS, plus the CA)",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    d_sub = p.add_subparsers(dest="discovery_command", metavar="SUBCOMMAND")
+    _add_serve(d_sub)
+
+    def no_subcommand(_args: argparse.Namespace) -> int:
+        p.print_help()
+        return 2
+
+    p.set_defaults(func=no_subcommand)
