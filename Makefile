@@ -13,7 +13,7 @@ APT_PACKAGES := openssl curl ca-certificates iproute2 nftables containernetworki
 demo: system-deps $(STAMP)
 	$(BIN)/underpass demo
 
-test: system-deps $(STAMP) lint typecheck
+test: system-deps $(STAMP) lint typecheck k8s-binaries
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
@@ -44,6 +44,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
+
+# k8s test tier: kube-apiserver and etcd built with Go from the Go module proxy,
+# cached in ~/.cache/underpass/k8s/<version>/ (cold: 6-12 min on 2 cores; then instant).
+# Rebuild: $(BIN)/python -m tests.support.kubeapi build --rebuild
+.PHONY: k8s-binaries
+k8s-binaries: $(STAMP)
+	$(BIN)/python -m tests.support.kubeapi build
 
 # Regenerate the committed protobuf/gRPC modules from the .proto files
 # (tests/underpass/test_generated_protos.py fails when they drift).

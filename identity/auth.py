@@ -431,8 +431,8 @@ class KubernetesTokenReviewAuthenticator:
     ``api`` is a ``kubernetes.client.AuthenticationV1Api``; the CA's own service
     account needs ``create`` on ``tokenreviews.authentication.k8s.io``. The
     interpretation of the answer is :func:`caller_from_token_review`, unit-tested
-    with constructed objects; the test against a real kube-apiserver (k8s tier)
-    comes with the Kubernetes integration issue.
+    with constructed objects; tests/identity/test_kubernetes_auth.py (k8s tier)
+    runs it against a real kube-apiserver.
     """
 
     def __init__(

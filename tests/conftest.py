@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import pytest
 
+# The k8s tier's session fixtures (a real kube-apiserver + etcd), for any test directory.
+from tests.support.k8s_fixtures import kube_api, kube_cluster  # noqa: F401
+
 TIERS = ("unit", "netns", "k8s", "interop")
 
 
