@@ -1,66 +1,43 @@
-"""Who is captured: the enrolment rules of PROTOCOLS.md section 7.
+"""Who is captured: the enrolment rule of PROTOCOLS.md section 7, as the CNI side names it.
 
-A pod is in the mesh when its namespace carries ``istio.io/dataplane-mode=ambient``
-and the pod does not opt out with ``istio.io/dataplane-mode=none``. ``kube-system``,
-the mesh's own namespace and any configured excluded namespace are never
-captured. Pure functions, no I/O: shared by the node agent (which decides) and
-the CNI plugin (which must know, when the agent is unreachable, whether a pod
-may start without it).
+The rule itself lives in the core (:mod:`underpass.ambient`), shared with
+discovery so that the pods the node agent captures are exactly the workloads
+discovery marks HBONE. This module keeps the names the node agent and the
+plugin use: :class:`Policy` (the rule with the deployment's mesh namespace
+and exclusions) and :class:`Decision`. Pure, no I/O: the node agent decides
+with it, and the CNI plugin uses it to know, when the agent is unreachable,
+whether a pod may start without it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from underpass.ambient import (
+    ALWAYS_EXCLUDED_NAMESPACES,
+    DATAPLANE_MODE_AMBIENT,
+    DATAPLANE_MODE_LABEL,
+    DATAPLANE_MODE_NONE,
+    DEFAULT_MESH_NAMESPACE,
+    REDIRECTION_ANNOTATION,
+    REDIRECTION_ENABLED,
+    Decision,
+    Enrolment,
+)
 
-DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode"
-AMBIENT = "ambient"
-NONE = "none"
-#: Set by the agent on every pod it captured (and only by it).
-REDIRECTION_ANNOTATION = "ambient.istio.io/redirection"
-REDIRECTION_ENABLED = "enabled"
-DEFAULT_MESH_NAMESPACE = "istio-system"
+AMBIENT = DATAPLANE_MODE_AMBIENT
+NONE = DATAPLANE_MODE_NONE
 #: Namespaces that are never captured, whatever their labels.
-ALWAYS_EXCLUDED = frozenset({"kube-system"})
+ALWAYS_EXCLUDED = ALWAYS_EXCLUDED_NAMESPACES
+#: The enrolment rule with the deployment's mesh namespace and excluded namespaces.
+Policy = Enrolment
 
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """Whether to capture a pod, and why (for logs and CNI error messages)."""
-
-    enrol: bool
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Policy:
-    """The enrolment rules, with the deployment's mesh namespace and exclusions."""
-
-    mesh_namespace: str = DEFAULT_MESH_NAMESPACE
-    excluded_namespaces: frozenset[str] = field(default_factory=frozenset)
-
-    @classmethod
-    def build(cls, mesh_namespace: str | None = None, excluded: Iterable[str] = ()) -> Policy:
-        return cls(mesh_namespace or DEFAULT_MESH_NAMESPACE, frozenset(excluded))
-
-    def never_captured(self, namespace: str) -> bool:
-        return (
-            namespace in ALWAYS_EXCLUDED
-            or namespace == self.mesh_namespace
-            or namespace in self.excluded_namespaces
-        )
-
-    def decide(
-        self,
-        namespace: str,
-        namespace_labels: Mapping[str, str],
-        pod_labels: Mapping[str, str] | None,
-    ) -> Decision:
-        """Decide for a pod; ``pod_labels`` None means "not known" (no opt-out seen)."""
-        if self.never_captured(namespace):
-            return Decision(False, f"namespace {namespace} is never captured")
-        if pod_labels is not None and pod_labels.get(DATAPLANE_MODE_LABEL) == NONE:
-            return Decision(False, f"pod opts out with {DATAPLANE_MODE_LABEL}={NONE}")
-        if namespace_labels.get(DATAPLANE_MODE_LABEL) == AMBIENT:
-            return Decision(True, f"namespace {namespace} has {DATAPLANE_MODE_LABEL}={AMBIENT}")
-        return Decision(False, f"namespace {namespace} is not in the ambient mesh")
+__all__ = [
+    "ALWAYS_EXCLUDED",
+    "AMBIENT",
+    "DATAPLANE_MODE_LABEL",
+    "DEFAULT_MESH_NAMESPACE",
+    "NONE",
+    "REDIRECTION_ANNOTATION",
+    "REDIRECTION_ENABLED",
+    "Decision",
+    "Policy",
+]

@@ -71,6 +71,16 @@ from discovery.model import (
     Service,
     ServicePort,
 )
+from underpass.ambient import (
+    ALWAYS_EXCLUDED_NAMESPACES,
+    DATAPLANE_MODE_LABEL,
+    REDIRECTION_ANNOTATION,
+    USE_WAYPOINT_LABEL,
+    USE_WAYPOINT_NAMESPACE_LABEL,
+    WAYPOINT_FOR_LABEL,
+    Enrolment,
+    redirected,
+)
 from underpass.proto import authorization_pb2, workload_pb2
 from underpass.xds.types import (
     ADDRESS_TYPE_URL,
@@ -80,15 +90,9 @@ from underpass.xds.types import (
     workload_uid,
 )
 
-DATAPLANE_MODE_LABEL: Final = "istio.io/dataplane-mode"
-USE_WAYPOINT_LABEL: Final = "istio.io/use-waypoint"
-USE_WAYPOINT_NAMESPACE_LABEL: Final = "istio.io/use-waypoint-namespace"
-WAYPOINT_FOR_LABEL: Final = "istio.io/waypoint-for"
 GATEWAY_NAME_LABEL: Final = "gateway.networking.k8s.io/gateway-name"
-REDIRECTION_ANNOTATION: Final = "ambient.istio.io/redirection"
 DEFAULT_WAYPOINT_CLASS: Final = "istio-waypoint"
 HBONE_PORT: Final = 15008
-ALWAYS_EXCLUDED_NAMESPACES: Final = frozenset({"kube-system"})
 
 _CANONICAL_NAME_LABELS: Final = ("service.istio.io/canonical-name", "app.kubernetes.io/name", "app")
 _CANONICAL_REVISION_LABELS: Final = (
@@ -149,20 +153,15 @@ class Translation:
 
 
 def is_enrolled(pod: Pod, namespace_labels: Mapping[str, str], config: TranslateConfig) -> bool:
-    """Whether the pod is captured (PROTOCOLS.md section 7; the CNI agent decides the same)."""
-    if (
-        pod.namespace in ALWAYS_EXCLUDED_NAMESPACES
-        or pod.namespace == config.mesh_namespace
-        or pod.namespace in config.excluded_namespaces
-        or pod.host_network
-        or pod.labels.get(DATAPLANE_MODE_LABEL) == "none"
-        or namespace_labels.get(DATAPLANE_MODE_LABEL) != "ambient"
-    ):
+    """Whether the pod is captured: the core rule (:mod:`underpass.ambient`, which the CNI
+    agent applies too), never for host-network pods, and, when configured, only once
+    the node agent annotated the pod as redirected."""
+    if pod.host_network:
         return False
-    return (
-        not config.require_redirection_annotation
-        or pod.annotations.get(REDIRECTION_ANNOTATION) == "enabled"
-    )
+    rule = Enrolment(config.mesh_namespace, config.excluded_namespaces)
+    if not rule.is_enrolled(namespace_labels, pod.labels, pod.namespace):
+        return False
+    return not config.require_redirection_annotation or redirected(pod.annotations)
 
 
 def canonical_name(labels: Mapping[str, str], workload_name: str) -> str:
@@ -467,6 +466,7 @@ def translate(model: Model, config: TranslateConfig | None = None) -> Translatio
 
 
 __all__ = [
+    "ALWAYS_EXCLUDED_NAMESPACES",
     "DATAPLANE_MODE_LABEL",
     "DEFAULT_WAYPOINT_CLASS",
     "GATEWAY_NAME_LABEL",

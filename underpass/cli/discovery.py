@@ -4,9 +4,20 @@
 (``envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources``)
 over TLS on 15012 with the certificate authority's ``IstioCertificateService``
 on the same port, and plaintext xDS on 15010 only with ``--plaintext-listen``.
-The registry is, for now, a static model file (``--model``, YAML; see
-:mod:`discovery.modelfile`) or nothing; the lab and Kubernetes registries come
-next. Prints one ``ready:`` line once it serves; SIGINT/SIGTERM stop it.
+The registry (``--registry``) says what exists:
+
+- ``model``: a static model file (``--model``, YAML; see
+  :mod:`discovery.modelfile`), or nothing;
+- ``lab``: the lab's state directory (``--lab-state-dir``) plus its policy
+  directory (``--lab-policies``; see :mod:`discovery.registries.lab`); the CA
+  authenticates lab tokens (``--lab-tokens``) and checks impersonation
+  against the lab's pods;
+- ``kubernetes``: the API server (in a pod, or ``--kubeconfig``); the CA
+  authenticates with TokenReviews and checks impersonation against the
+  watched pods; the CA's root certificate is published into every namespace
+  (``istio-ca-root-cert``) unless ``--no-root-cert-configmaps``.
+
+Prints one ``ready:`` line once it serves; SIGINT/SIGTERM stop it.
 """
 
 from __future__ import annotations
@@ -31,6 +42,10 @@ subscribes to) and the certificate authority, in one process.
   plaintext      xDS only, when --plaintext-listen is given (e.g. 0.0.0.0:15010)
   metrics        Prometheus /metrics on --metrics-port (default 15014)
 
+Registries (--registry): model (a static YAML file, --model), lab (the lab's state
+directory and policy directory), kubernetes (list + watch of the API server; needs the
+ClusterRole shown in the README).
+
 Translation follows Istio ambient: namespaces labelled istio.io/dataplane-mode=ambient
 are in the mesh; istio.io/use-waypoint picks waypoints; AuthorizationPolicy and
 PeerAuthentication become L4 Authorization resources, failing closed (and logged)
@@ -38,62 +53,131 @@ where a field cannot be enforced at L4.
 """
 
 
-def _build_ca(args: argparse.Namespace, registry: Any) -> tuple[Any, Any]:
-    """(CertificateAuthority, CaServicer or None)."""
-    from identity.auth import Authorizer, LabTokenAuthenticator, parse_node_agent
+def _kube_client(args: argparse.Namespace) -> Any:
+    """An ``ApiClient`` from --kubeconfig, else the pod's in-cluster configuration."""
+    from kubernetes import client, config
+
+    from discovery.registries.errors import RegistryConfigError
+
+    configuration = client.Configuration()
+    try:
+        if args.kubeconfig:
+            config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=str(args.kubeconfig), client_configuration=configuration
+            )
+        else:
+            config.load_incluster_config(  # type: ignore[no-untyped-call]
+                client_configuration=configuration
+            )
+    except Exception as exc:
+        raise RegistryConfigError(
+            f"cannot configure the Kubernetes client ({type(exc).__name__}: {exc}); "
+            "run in a pod or pass --kubeconfig"
+        ) from None
+    # One long-lived connection per watch, plus TokenReviews and ConfigMap writes.
+    configuration.connection_pool_maxsize = 32
+    return client.ApiClient(configuration)
+
+
+def _build_registry(args: argparse.Namespace, kube: Any, ca: Any) -> tuple[Any, Any]:
+    """(Registry, its NodeIndex or None)."""
+    from discovery.modelfile import load_model
+    from discovery.registry import MemoryRegistry
+
+    if args.registry == "lab":
+        from discovery.registries.lab import LabModelRegistry
+        from underpass.lab.registry import default_state_dir
+
+        lab = LabModelRegistry(
+            args.lab_state_dir or default_state_dir(), policies=args.lab_policies
+        )
+        lab.check()  # before anything else starts
+        return lab, lab.node_index
+    if args.registry == "kubernetes":
+        from discovery.registries.kubernetes import KubernetesRegistry
+        from discovery.registries.rootcert import RootCertPublisher
+
+        publisher = None
+        if not args.no_root_cert_configmaps:
+            publisher = RootCertPublisher(kube, lambda: str(ca.root_bundle_pem))
+        k8s = KubernetesRegistry(
+            kube, resync_period=args.resync_period, root_cert_publisher=publisher
+        )
+        return k8s, k8s.node_index
+    return MemoryRegistry(load_model(args.model) if args.model else None), None
+
+
+def _resolve_registry_options(args: argparse.Namespace) -> None:
+    """Fill the defaults that depend on --registry; refuse contradictions."""
+    from discovery.registries.errors import RegistryConfigError
+
+    if args.registry is None:
+        args.registry = "model"
+    if args.model is not None and args.registry != "model":
+        raise RegistryConfigError(
+            f"--model is for --registry model, not --registry {args.registry}"
+        )
+    lab_only = [f for f in ("lab_state_dir", "lab_policies") if getattr(args, f) is not None]
+    if lab_only and args.registry != "lab":
+        flags = ", ".join("--" + f.replace("_", "-") for f in lab_only)
+        raise RegistryConfigError(f"{flags} are for --registry lab")
+    if args.auth is None:
+        args.auth = "kubernetes" if args.registry == "kubernetes" else "lab"
+    if args.resync_period <= 0:
+        raise RegistryConfigError("--resync-period must be positive")
+
+
+def _load_ca(args: argparse.Namespace) -> Any:
     from identity.ca import CertificateAuthority
+
+    if args.plugged_certs:
+        return CertificateAuthority.from_plugged_files(args.plugged_certs, args.trust_domain)
+    return CertificateAuthority.load_or_create(args.state_dir, args.trust_domain)
+
+
+def _build_ca_servicer(
+    args: argparse.Namespace, metrics_registry: Any, node_index: Any, kube: Any, ca: Any
+) -> Any:
+    """The CA's servicer (None: not served); ``node_index`` None: from the auth mode."""
+    from identity.auth import Authorizer, LabTokenAuthenticator, parse_node_agent
     from identity.errors import CaConfigError
     from identity.server import CaMetrics, CaServicer
 
-    if args.plugged_certs:
-        ca = CertificateAuthority.from_plugged_files(args.plugged_certs, args.trust_domain)
-    else:
-        ca = CertificateAuthority.load_or_create(args.state_dir, args.trust_domain)
     if args.no_ca_service:
-        return ca, None
+        return None
     agents = [parse_node_agent(a) for a in args.trusted_node_agent or DEFAULT_NODE_AGENTS]
     authenticator: Any
-    node_index: Any
     if args.auth == "lab":
         if args.lab_tokens is None:
             raise CaConfigError("--auth lab needs --lab-tokens FILE (or --no-ca-service)")
         lab = LabTokenAuthenticator(args.lab_tokens, args.trust_domain)
-        authenticator, node_index = lab, lab
+        # The registry's live pods when it has them, else the token file's entries.
+        authenticator, node_index = lab, node_index or lab
     else:
-        from kubernetes import client, config
+        from kubernetes import client
 
         from identity.auth import KubernetesNodeIndex, KubernetesTokenReviewAuthenticator
 
-        try:
-            if args.kubeconfig:
-                config.load_kube_config(config_file=str(args.kubeconfig))  # type: ignore[no-untyped-call]
-            else:
-                config.load_incluster_config()  # type: ignore[no-untyped-call]
-        except Exception as exc:
-            raise CaConfigError(
-                f"cannot configure the Kubernetes client ({type(exc).__name__}: {exc}); "
-                "run in a pod or pass --kubeconfig"
-            ) from None
+        assert kube is not None
         authenticator = KubernetesTokenReviewAuthenticator(
-            client.AuthenticationV1Api(), args.trust_domain
+            client.AuthenticationV1Api(kube), args.trust_domain
         )
-        node_index = KubernetesNodeIndex(client.CoreV1Api())
+        # The watched pods when the registry is Kubernetes, else a list per request.
+        node_index = node_index or KubernetesNodeIndex(client.CoreV1Api(kube))
     servicer = CaServicer(
         ca,
         authenticator,
         Authorizer(args.trust_domain, node_index, agents),
         cluster_id=args.cluster_id,
-        metrics=CaMetrics(registry),
+        metrics=CaMetrics(metrics_registry),
     )
-    return ca, servicer
+    return servicer
 
 
 def _serve(args: argparse.Namespace) -> int:
     import prometheus_client
 
     from discovery.errors import DiscoveryError
-    from discovery.modelfile import load_model
-    from discovery.registry import MemoryRegistry
     from discovery.server import DiscoveryServer
     from discovery.translate import TranslateConfig
     from identity.errors import IdentityError
@@ -107,11 +191,18 @@ def _serve(args: argparse.Namespace) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     server: DiscoveryServer | None = None
     metrics: Any = None
+    kube: Any = None
     try:
         try:
             registry = prometheus_client.CollectorRegistry()
-            model = load_model(args.model) if args.model else None
-            ca, servicer = _build_ca(args, registry)
+            _resolve_registry_options(args)
+            if args.registry == "kubernetes" or (
+                args.auth == "kubernetes" and not args.no_ca_service
+            ):
+                kube = _kube_client(args)
+            ca = _load_ca(args)
+            source, node_index = _build_registry(args, kube, ca)
+            servicer = _build_ca_servicer(args, registry, node_index, kube, ca)
             config = TranslateConfig(
                 cluster_id=args.cluster_id,
                 trust_domain=args.trust_domain,
@@ -122,7 +213,7 @@ def _serve(args: argparse.Namespace) -> int:
                 network=args.network,
             )
             server = DiscoveryServer(
-                MemoryRegistry(model),
+                source,
                 config=config,
                 ca=ca,
                 ca_servicer=servicer,
@@ -148,7 +239,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(
             f"ready: tls={server.tls_address if server.tls_port else 'off'} "
             f"plaintext={server.plaintext_address if server.plaintext_port else 'off'} "
-            f"ca={'on' if servicer is not None else 'off'} metrics={metrics_text}",
+            f"ca={'on' if servicer is not None else 'off'} metrics={metrics_text} "
+            f"registry={args.registry}",
             flush=True,
         )
         stop.wait()
@@ -159,6 +251,8 @@ def _serve(args: argparse.Namespace) -> int:
         if metrics is not None:
             metrics.shutdown()
             metrics.server_close()
+        if kube is not None:
+            kube.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
     print("stopped", flush=True)
@@ -190,8 +284,40 @@ def _add_serve(sub: Any) -> None:
         "--exclude-namespace", action="append", metavar="NS", help="never capture NS (repeatable)"
     )
     mesh.add_argument("--network", default="", help="network name of this cluster's addresses")
-    mesh.add_argument(
-        "--model", type=Path, metavar="FILE", help="static model (YAML) to serve (registry)"
+    reg = p.add_argument_group("registry (what exists)")
+    reg.add_argument(
+        "--registry",
+        choices=("model", "lab", "kubernetes"),
+        help="model: a static file (--model) or nothing; lab: the lab's state; kubernetes: "
+        "the API server (default: model)",
+    )
+    reg.add_argument(
+        "--model", type=Path, metavar="FILE", help="static model (YAML) to serve (registry model)"
+    )
+    reg.add_argument(
+        "--lab-state-dir",
+        type=Path,
+        metavar="DIR",
+        help="the lab's state directory (default: $UNDERPASS_LAB_STATE_DIR or /run/underpass/lab)",
+    )
+    reg.add_argument(
+        "--lab-policies",
+        type=Path,
+        metavar="PATH",
+        help="directory (or file) of AuthorizationPolicy, PeerAuthentication and Gateway YAML "
+        "for the lab (default: <lab state dir>/policies)",
+    )
+    reg.add_argument(
+        "--resync-period",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="kubernetes: list every kind again this often (default: %(default)s)",
+    )
+    reg.add_argument(
+        "--no-root-cert-configmaps",
+        action="store_true",
+        help="kubernetes: do not publish the root certificate (ConfigMap istio-ca-root-cert)",
     )
     net = p.add_argument_group("network")
     net.add_argument(
@@ -234,9 +360,18 @@ def _add_serve(sub: Any) -> None:
         action="store_true",
         help="do not serve the CA's API (its key still issues the serving certificate)",
     )
-    ca.add_argument("--auth", choices=("lab", "kubernetes"), default="lab", help="CA callers")
+    ca.add_argument(
+        "--auth",
+        choices=("lab", "kubernetes"),
+        help="how the CA authenticates callers: lab token file or TokenReview "
+        "(default: kubernetes with --registry kubernetes, else lab)",
+    )
     ca.add_argument("--lab-tokens", type=Path, metavar="FILE", help="lab token file")
-    ca.add_argument("--kubeconfig", type=Path, help="kubeconfig for --auth kubernetes")
+    ca.add_argument(
+        "--kubeconfig",
+        type=Path,
+        help="kubeconfig for --registry/--auth kubernetes (default: in-cluster configuration)",
+    )
     ca.add_argument(
         "--trusted-node-agent",
         action="append",
