@@ -1,7 +1,8 @@
 """Fixtures for the cni tests: a node made of a network namespace, pods wired by
 the real CNI chain (loopback + bridge/host-local + underpass-cni) run exactly as a
 container runtime runs it, a lab registry in a temporary directory, and the node
-agent running in the test's trio loop.
+agent running in the test's trio loop. Sockets inside pods come from
+:mod:`underpass.lab.sockets` (re-exported here for the test modules).
 
 Every name created here starts with ``utc`` plus a random suffix; addresses are
 in 10.250.0.0/16 and exist only inside namespaces created here. Everything is
@@ -11,13 +12,10 @@ test loudly (never a skip).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
 import shutil
-import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -33,13 +31,18 @@ import trio
 from cni.agent import Agent, AgentConfig
 from cni.zds_server import ZdsSettings
 from underpass.lab.registry import LabRegistry, Namespace, Pod
-from underpass.netns import run_in_netns
+from underpass.lab.sockets import (
+    ZTUNNEL_MARK,
+    accept_one,
+    closing_all,
+    connect_from,
+    listener_in,
+    original_dst,
+)
 
 CNI_BIN = "/usr/lib/cni"
 PLUGIN = shutil.which("underpass-cni", path=os.path.dirname(sys.executable))
 NETNS_DIR = "/run/netns"
-SO_ORIGINAL_DST = 80
-ZTUNNEL_MARK = 0x539
 
 
 def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -350,61 +353,6 @@ async def running_agent(lab: NodeLab, nursery: trio.Nursery) -> AsyncIterator[Ru
         await handle.stop()
 
 
-# ---- sockets inside pods
-
-
-def listener_in(netns: str | int, port: int, host: str = "", mark: int = 0) -> socket.socket:
-    """A listening TCP socket that lives in the netns (created there on a fresh thread)."""
-
-    def make() -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if mark:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-        sock.bind((host, port))
-        sock.listen(8)
-        sock.settimeout(5)
-        return sock
-
-    return run_in_netns(netns, make)
-
-
-def connect_from(netns: str, addr: tuple[str, int], mark: int = 0) -> socket.socket:
-    """A TCP connection made from inside the netns (optionally with SO_MARK)."""
-
-    def make() -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.settimeout(5)
-        if mark:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-        try:
-            sock.connect(addr)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-
-    return run_in_netns(netns, make)
-
-
-def original_dst(conn: socket.socket) -> tuple[str, int]:
-    """SO_ORIGINAL_DST of an accepted (redirected) connection."""
-    raw = conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-    port, packed = struct.unpack_from("!2xH4s", raw)
-    return socket.inet_ntoa(packed), port
-
-
-def accept_one(listener: socket.socket, timeout: float = 5.0) -> socket.socket | None:
-    """Accept one connection within ``timeout``; None when none came."""
-    listener.settimeout(timeout)
-    try:
-        conn, _ = listener.accept()
-    except TimeoutError:
-        return None
-    conn.settimeout(5)
-    return conn
-
-
 async def wait_for(what: str, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
     """Poll ``predicate`` (a registry or ruleset read) until true, or fail."""
     for _ in range(int(timeout / 0.05)):
@@ -414,11 +362,18 @@ async def wait_for(what: str, predicate: Callable[[], bool], timeout: float = 10
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@contextlib.contextmanager
-def closing_all(*socks: socket.socket | None) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for sock in socks:
-            if sock is not None:
-                sock.close()
+__all__ = [
+    "ZTUNNEL_MARK",
+    "CniRun",
+    "NodeLab",
+    "PodNs",
+    "RunningAgent",
+    "accept_one",
+    "closing_all",
+    "connect_from",
+    "in_netns",
+    "listener_in",
+    "original_dst",
+    "start_agent",
+    "wait_for",
+]

@@ -1,4 +1,5 @@
-"""The ``underpass`` command: help, version, ``ca --help`` and the demo end to end."""
+"""The ``underpass`` command: help, version, ``ca --help`` (unit) and the demo end to
+end, as ``make demo`` runs it (netns: root)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ from pathlib import Path
 import pytest
 import structlog
 
+from tests.underpass.lab.labkit import require_root
 from underpass import __version__
 from underpass.cli.main import main
-
-pytestmark = pytest.mark.unit
+from underpass.lab.cluster import leftovers
+from underpass.lab.procs import processes_mentioning
 
 
 def run_cli(argv: list[str]) -> int:
@@ -43,6 +45,7 @@ def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
     return code, capsys.readouterr().out
 
 
+@pytest.mark.unit
 def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
     code, out = run_main(["--help"], capsys)
     assert code == 0
@@ -50,11 +53,13 @@ def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
         assert re.search(rf"^\s+{command}\s", out, re.MULTILINE), out
 
 
+@pytest.mark.unit
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     code, out = run_main(["version"], capsys)
     assert (code, out.strip()) == (0, f"underpass {__version__}")
 
 
+@pytest.mark.unit
 def test_ca_help_explains_how_to_run_the_ca(capsys: pytest.CaptureFixture[str]) -> None:
     code, out = run_main(["ca", "--help"], capsys)
     assert code == 0
@@ -73,6 +78,7 @@ def test_ca_help_explains_how_to_run_the_ca(capsys: pytest.CaptureFixture[str]) 
         assert needle in out, needle
 
 
+@pytest.mark.unit
 def test_ca_serve_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> None:
     code, out = run_main(["ca", "serve", "--help"], capsys)
     assert code == 0
@@ -92,39 +98,112 @@ def test_ca_serve_help_lists_every_option(capsys: pytest.CaptureFixture[str]) ->
         assert option in out, option
 
 
+@pytest.mark.unit
 def test_ca_without_subcommand_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
     code, out = run_main(["ca"], capsys)
     assert code == 2 and "serve" in out
 
 
-def test_demo_end_to_end() -> None:
-    """``underpass demo`` as a user runs it: a real CA subprocess, then everything cleaned."""
-    proc = subprocess.Popen(
+def start_demo() -> subprocess.Popen[str]:
+    return subprocess.Popen(
         [sys.executable, "-m", "underpass.cli.main", "demo"],
         cwd=REPO,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        start_new_session=True,  # so that a failure can take the CA child down too
+        start_new_session=True,  # its own process group: Ctrl-C is sent to the group
     )
+
+
+def found(pattern: str, text: str) -> str:
+    match = re.search(pattern, text)
+    assert match is not None, f"{pattern!r} not in:\n{text}"
+    return match.group(1)
+
+
+def assert_nothing_left(out: str) -> None:
+    """No netns, process, socket or file of the demo's lab, CA or work directory."""
+    workdir = Path(found(r"work directory (/\S+)\)", out))
+    prefix = found(r"\(prefix (demo-[0-9a-f]+),", out)
+    left = leftovers(prefix, workdir / "lab")
+    if left:  # force it clean, then fail loudly
+        subprocess.run(
+            [sys.executable, "-m", "underpass.cli.main", "lab", "down", "--prefix", prefix,
+             "--state-dir", str(workdir / "lab")],
+            check=False,
+        )  # fmt: skip
+    assert left == []
+    assert not workdir.exists()
+    assert not [pid for pid in processes_mentioning(str(workdir)) if pid != os.getpid()]
+
+
+@pytest.mark.netns
+def test_demo_end_to_end() -> None:
+    """``underpass demo`` as ``make demo`` runs it: a two-node lab, live enrolment and
+    release, capture with no tunnel yet, the CA fed from the lab; then nothing left."""
+    require_root()
+    proc = start_demo()
     try:
-        out, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{err}"
-    assert out.count("URI spiffe://cluster.local/ns/demo/sa/sleep") == 2, out
+    for step in range(1, 10):
+        assert f"==> [{step}/9]" in out
+    assert re.search(r"NODE .* AGENT .*\n.*node-1 .* running \(pid \d+\)", out)
+    # (b) the server saw the client's pod IP, across nodes and on one node
+    client_ip = found(r"demo/echo-1-1 \((10\.244\.1\.\d+)\) -> demo/echo-2-1", out)
+    assert out.count(f"the server saw the client as {client_ip}: the client's own pod IP") >= 3
+    assert ", on one node: HTTP 200," in out
+    # (c) enrolled live: the annotation and our table inside the pod's netns
+    assert "the node agents enrolled the 4 running pods in" in out
+    assert "ambient.istio.io/redirection: enabled" in out
+    assert "    | table inet underpass {" in out and "redirect to :15001" in out
+    assert re.search(r"demo +echo-2-2 +node-2 .* Running +yes", out)
+    assert re.search(r"outside +legacy +node-2 .* Running +no", out)
+    assert "demo/echo-1-1 -> demo/echo-2-1:8080: connection refused" in out
+    assert "SO_ORIGINAL_DST says it was for 10.244.2." in out
+    assert "the server saw 169.254.7.127" in out
+    # (d) released: rules gone, traffic again
+    assert "the node agents released the 4 pods in" in out
+    assert "nft list ruleset inside demo/echo-1-1: (empty)" in out
+    # (e) identities from the lab registry
+    assert out.count("URI spiffe://cluster.local/ns/demo/sa/echo") == 2
     assert "refused, as it must be: UNAUTHENTICATED" in out
-    assert "may not impersonate spiffe://cluster.local/ns/demo/sa/httpbin" in out
-    assert "Demo complete." in out
-    for step in range(1, 7):
-        assert f"[{step}/6]" in out
-    # Clean-up: no CA process and no work directory left behind.
-    ca_pid = int(re.search(r"CA process (\d+)", out).group(1))  # type: ignore[union-attr]
+    assert "may not impersonate spiffe://cluster.local/ns/outside/sa/legacy" in out
+    assert '"token"' not in out  # the tokens were random and never printed
+    ca_pid = int(found(r"CA process (\d+)", out))
     assert not Path(f"/proc/{ca_pid}").exists()
-    workdir = Path(re.search(r"work directory\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-    assert not workdir.exists()
-    # The tokens were random and never printed.
-    assert "token:" not in out
+    # (f) nothing left
+    assert "nothing left: no network namespace demo-" in out
+    assert re.search(r"Demo complete in \d+\.\d s\.", out)
+    assert_nothing_left(out)
+
+
+@pytest.mark.netns
+def test_demo_cleans_up_on_ctrl_c() -> None:
+    """Ctrl-C (SIGINT to the process group) while the pods are in the mesh: exit 130,
+    and the lab, the agents and the work directory are gone."""
+    require_root()
+    proc = start_demo()
+    assert proc.stdout is not None
+    out = ""
+    try:
+        for line in proc.stdout:  # event: the demo's own progress line
+            out += line
+            if line.startswith("==> [4/9]"):
+                os.killpg(proc.pid, signal.SIGINT)
+                break
+        rest, err = proc.communicate(timeout=120)
+        out += rest
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, f"stdout:\n{out}\nstderr:\n{err}"
+    assert "interrupted: cleaning up" in err and "Traceback" not in err
+    assert "Demo complete" not in out
+    assert_nothing_left(out)

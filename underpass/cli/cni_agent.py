@@ -31,15 +31,15 @@ def register(sub: Any) -> None:
         "--cni-socket",
         metavar="PATH",
         default=None,
-        help="unix socket the underpass-cni plugin talks to (default: the lab's per-node "
-        "agent.sock with a lab registry, else /var/run/underpass/cni.sock)",
+        help="unix socket the underpass-cni plugin talks to (its agentSocket; default: "
+        "the lab's per-node DIR/nodes/NODE/agent.sock)",
     )
     p.add_argument(
         "--zds-socket",
         metavar="PATH",
         default=None,
         help="SOCK_SEQPACKET socket ztunnel connects to (default: the lab's per-node "
-        "ztunnel.sock with a lab registry, else /var/run/ztunnel/ztunnel.sock)",
+        "DIR/nodes/NODE/ztunnel.sock)",
     )
     p.add_argument(
         "--mesh-namespace",
@@ -64,6 +64,14 @@ def register(sub: Any) -> None:
         metavar="PATH",
         default=None,
         help="the node's netns for --probe-snat (default: the netns the agent runs in)",
+    )
+    p.add_argument(
+        "--ready-fd",
+        type=int,
+        default=None,
+        metavar="FD",
+        help="write 'ready' and a newline to this inherited descriptor, then close it, once "
+        "both sockets accept connections (how `underpass lab up` waits for the agent)",
     )
     p.set_defaults(func=run)
 
@@ -98,7 +106,10 @@ def run(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(agent.run)
+            await nursery.start(agent.run)
+            if args.ready_fd is not None:
+                os.write(args.ready_fd, b"ready\n")
+                os.close(args.ready_fd)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for signum in signals:
                     log.info("cni agent stopping", signal=signal.Signals(signum).name)

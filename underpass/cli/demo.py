@@ -1,32 +1,36 @@
-"""``underpass demo``: the CA end to end, as a real process on loopback.
+"""``underpass demo``: the lab demo, what ``make demo`` runs (as root).
 
-Steps (each announced with a progress line):
+Steps, each announced with a numbered progress line:
 
-1. a temporary directory with a CA state dir and a lab token file (mode 0600)
-   holding a sample pod ``demo/sleep`` (pod ``sleep-1`` on ``node-1``), a node
-   agent ``istio-system/ztunnel`` on ``node-1`` and a pod ``demo/httpbin`` on
-   ``node-2``; the tokens are random and live only in that directory;
-2. ``underpass ca serve`` started as a subprocess on 127.0.0.1 with port 0, its
-   ready line read for the bound address;
-3. the sample pod asks for its own identity with its own token;
-4. the node agent asks for the same identity by impersonation;
-5. the node agent asks for ``demo/httpbin``, whose only pod runs on another
-   node, and the CA refuses (UNAUTHENTICATED) with its message;
-6. the CA's metrics and audit lines, then a clean stop.
+1. a two-node lab of its own (a random prefix, its state under a temporary
+   directory, so it never meets a lab of yours): two pods per node in
+   namespace ``demo``, one pod in ``outside``, a node agent per node;
+2. pod-to-pod traffic with the sample app across nodes and on one node: the
+   server sees the client's real pod IP;
+3. namespace ``demo`` labelled ``istio.io/dataplane-mode=ambient``: the node
+   agents enrol its running pods live, no restart (the status table, the nft
+   table inside a pod's netns, the annotation);
+4. what capture does before ztunnel exists: captured connections go to
+   ztunnel's ports, where nothing listens yet, and are refused (shown with
+   stand-in listeners and ``SO_ORIGINAL_DST``); kubelet probes still get through;
+5. the label removed: rules gone, traffic flows again;
+6. the CA started as a process, its callers taken from the lab registry;
+7. a pod's certificate with its own token, then by its node agent's impersonation;
+8. impersonation of a pod on another node refused; the CA's audit lines;
+9. ``lab down``, and a check that nothing is left.
 
-Each certificate is checked as ztunnel would (our key, exactly the identity
-asked for) and printed decoded. The subprocess and the temporary files are
-removed on every exit path, Ctrl-C and SIGTERM included.
+Every claim the demo prints is checked first; a failed check ends the demo
+with exit status 1. Clean-up (CA stopped, ``lab down``, work directory
+removed) runs on every exit path, Ctrl-C and SIGTERM included, and cannot
+itself be interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import json
 import os
-import queue
 import secrets
 import shutil
 import signal
@@ -34,284 +38,557 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
-import urllib.request
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import Any
 
-TRUST_DOMAIN = "cluster.local"
-READY_TIMEOUT = 60.0
+from underpass.cli.demo_ca import (
+    NODE_AGENT_NAMESPACE,
+    TRUST_DOMAIN,
+    CaProcess,
+    DemoFailed,
+    LabPod,
+    issue,
+    lab_callers,
+    write_token_file,
+)
 
-
-class DemoFailed(Exception):
-    """A demo step did not give the expected result."""
-
-
-@dataclass(frozen=True)
-class LabPod:
-    namespace: str
-    service_account: str
-    pod: str
-    node: str
-    token: str
-
-    def entry(self) -> dict[str, str]:
-        return {
-            "token": self.token,
-            "namespace": self.namespace,
-            "service_account": self.service_account,
-            "pod": self.pod,
-            "node": self.node,
-        }
-
-
-def _step(number: int, total: int, text: str) -> None:
-    print(f"\n==> [{number}/{total}] {text}", flush=True)
+TOTAL = 9
+MODE_LABEL = "istio.io/dataplane-mode"
+DEMO_NS = "demo"
+OUTSIDE_NS = "outside"
+OUTSIDE_POD = "legacy"
+APP_PORT = 8080
+PROBE_ADDRESS = "169.254.7.127"
+ENROL_TIMEOUT = 30.0
+CLIENT = f"{DEMO_NS}/echo-1-1"  # node-1
+SERVER = f"{DEMO_NS}/echo-2-1"  # node-2
+OUTSIDER = f"{OUTSIDE_NS}/{OUTSIDE_POD}"  # node-2
+CNI_PLUGINS = ("loopback", "bridge", "host-local")
 
 
-def _info(text: str) -> None:
-    print(f"    {text}", flush=True)
+def _step(number: int, text: str) -> None:
+    print(f"\n==> [{number}/{TOTAL}] {text}", flush=True)
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Create ``path`` readable by its owner only from the first byte."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+def _info(text: str = "") -> None:
+    print(f"    {text}".rstrip(), flush=True)
 
 
-def _pump(stream: IO[str], lines: queue.Queue[str | None]) -> None:
-    for line in stream:
-        lines.put(line.rstrip("\n"))
-    lines.put(None)
+def _block(text: str, prefix: str = "    ") -> None:
+    print(textwrap.indent(text.rstrip("\n"), prefix), flush=True)
+
+
+def _preflight() -> None:
+    """Fail early, with what to do, when the machine cannot run the lab."""
+    if os.geteuid() != 0:
+        raise DemoFailed(
+            "the demo builds nodes and pods from network namespaces: run it as root "
+            "(sudo make demo)"
+        )
+    missing = [t for t in ("nsenter", "nft", "ip") if shutil.which(t) is None]
+    plugins = [f"/usr/lib/cni/{p}" for p in CNI_PLUGINS]
+    missing += [p for p in plugins if not os.access(p, os.X_OK)]
+    if missing:
+        raise DemoFailed(
+            f"missing {', '.join(missing)}: `make demo` installs them "
+            "(apt-get install util-linux nftables iproute2 containernetworking-plugins)"
+        )
 
 
 @contextlib.contextmanager
-def _terminate_on_sigterm() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt so that the clean-up below runs for it too."""
+def _sigterm_as_sigint() -> Iterator[None]:
+    """SIGINT and SIGTERM interrupt the demo like Ctrl-C (inside trio too), so that
+    the clean-up runs for them; also when started with SIGINT ignored (a
+    background job of a non-interactive shell, nohup).
 
-    def on_term(signum: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
+    (Children forked without exec, pyroute2's helpers, get the default handlers
+    back: see :mod:`underpass.lab.netns`.)
+    """
 
-    previous = signal.signal(signal.SIGTERM, on_term)
+    def on_term(_signum: int, _frame: FrameType | None) -> None:
+        signal.raise_signal(signal.SIGINT)
+
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous_term = signal.signal(signal.SIGTERM, on_term)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous_term)
+        signal.signal(signal.SIGINT, previous_int)
 
 
-class CaProcess:
-    """``underpass ca serve`` as a child process; stopped and reaped on exit."""
-
-    def __init__(self, args: list[str], log_path: Path) -> None:
-        self._log = log_path.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "underpass.cli.main", "--log-format", "json", *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=_pump, args=(self.proc.stdout, self.lines), daemon=True).start()
-
-    def wait_ready(self, timeout: float) -> dict[str, str]:
-        """Fields of the ``ready:`` line; :class:`DemoFailed` if the CA exits or times out."""
-        deadline = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=timeout)
-        while True:
-            left = (deadline - dt.datetime.now(dt.UTC)).total_seconds()
-            try:
-                line = self.lines.get(timeout=max(left, 0.0))
-            except queue.Empty:
-                raise DemoFailed(f"the CA did not report ready within {timeout:.0f} s") from None
-            if line is None:
-                raise DemoFailed(f"the CA exited before it was ready (code {self.proc.wait()})")
-            if line.startswith("ready:"):
-                return dict(f.split("=", 1) for f in line.split()[1:] if "=" in f)
-
-    def stop(self, timeout: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
-
-
-def _issue(
-    address: str,
-    root_pem: bytes,
-    token: str,
-    identity: Any,
-    impersonate: Any = None,
-) -> Any:
-    """Ask the CA for ``identity``; return the checked :class:`WorkloadCertificate` + chain."""
-    from identity.ca import build_csr, generate_workload_key
-    from identity.certs import WorkloadCertificate
-    from identity.client import CaClient
-
-    key = generate_workload_key()
-    with CaClient(address, root_pem, token, server_name="localhost") as client:
-        chain = client.create_certificate(
-            build_csr(key, identity), dt.timedelta(hours=24), impersonate
-        )
-    WorkloadCertificate.from_ca_response(identity, key, chain)
-    return chain
-
-
-def _print_tail(path: Path, lines: int = 20) -> None:
-    with contextlib.suppress(OSError):
-        for line in path.read_text().splitlines()[-lines:]:
-            print(f"    | {line}", file=sys.stderr)
-
-
-def run_demo(keep: bool = False) -> int:
-    from identity.errors import AuthenticationFailed, IdentityError
-    from identity.spiffe import SpiffeId
-    from underpass.cli.ca import describe_certificate
-
-    total = 6
-    color = sys.stdout.isatty()
-    workdir = Path(tempfile.mkdtemp(prefix="underpass-demo-"))
-    ca: CaProcess | None = None
-    log_path = workdir / "ca.log"
+@contextlib.contextmanager
+def _uninterruptible() -> Iterator[None]:
+    """Ignore Ctrl-C and SIGTERM while cleaning up, so that clean-up finishes."""
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        _step(1, total, "Preparing a CA state directory and a lab token file")
-        sleep = LabPod("demo", "sleep", "sleep-1", "node-1", secrets.token_urlsafe(32))
-        ztunnel = LabPod(
-            "istio-system", "ztunnel", "ztunnel-node-1", "node-1", secrets.token_urlsafe(32)
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class Demo:
+    """One run of the demo; every resource it makes is released by :meth:`cleanup`."""
+
+    def __init__(self, workdir: Path, *, color: bool) -> None:
+        from underpass.lab import netns
+        from underpass.lab.cluster import Lab
+
+        self.workdir = workdir
+        self.state_dir = workdir / "lab"
+        while True:  # clean-up removes namespaces by prefix: never share one
+            self.prefix = f"demo-{secrets.token_hex(3)}"
+            if not any(n.startswith(f"{self.prefix}-") for n in netns.list_names()):
+                break
+        self.lab = Lab(self.state_dir)
+        self.color = color
+        self.lab_made = False
+        self.ca: CaProcess | None = None
+        self.callers: list[LabPod] = []
+
+    # ------------------------------------------------------------------ helpers
+
+    def pod(self, namespace: str, name: str) -> Any:
+        pod = self.lab.registry.pod(namespace, name)
+        if pod is None or pod.ip is None:
+            raise DemoFailed(f"pod {namespace}/{name} is not running with an IP")
+        return pod
+
+    def node(self, name: str) -> Any:
+        node = self.lab.registry.node(name)
+        if node is None:
+            raise DemoFailed(f"node {name} is not in the lab")
+        return node
+
+    def in_netns(self, netns_path: str, argv: list[str]) -> subprocess.CompletedProcess[str]:
+        from underpass.lab.netns import argv_in
+
+        return subprocess.run(
+            argv_in(netns_path, argv), capture_output=True, text=True, timeout=60, check=False
         )
-        httpbin = LabPod("demo", "httpbin", "httpbin-1", "node-2", secrets.token_urlsafe(32))
-        tokens = workdir / "lab-tokens.yaml"
-        _write_private(tokens, json.dumps([p.entry() for p in (sleep, ztunnel, httpbin)], indent=2))
-        _info(f"work directory   {workdir}")
-        _info(f"lab token file   {tokens} (mode 0600, random tokens)")
-        for p in (sleep, ztunnel, httpbin):
-            _info(
-                f"  pod {p.namespace + '/' + p.pod:<30} "
-                f"service account {p.service_account:<8} on {p.node}"
-            )
 
-        _step(2, total, "Starting the CA: underpass ca serve --listen 127.0.0.1:0 --auth lab")
-        ca = CaProcess(
-            [
-                "ca", "serve",
-                "--state-dir", str(workdir / "ca"),
-                "--trust-domain", TRUST_DOMAIN,
-                "--listen", "127.0.0.1:0",
-                "--serving-dns", "localhost",
-                "--serving-ip", "127.0.0.1",
-                "--metrics-port", "0",
-                "--auth", "lab",
-                "--lab-tokens", str(tokens),
-            ],
-            log_path,
-        )  # fmt: skip
-        ready = ca.wait_ready(READY_TIMEOUT)
-        address, root_path = ready["address"], Path(ready["root_cert"])
-        root_pem = root_path.read_bytes()
-        _info(f"CA process {ca.proc.pid} serving on {address} (TLS)")
-        _info(f"root certificate {root_path}")
-
-        identity = SpiffeId(TRUST_DOMAIN, sleep.namespace, sleep.service_account)
-        _step(
-            3,
-            total,
-            f"Pod {sleep.namespace}/{sleep.pod} asks for its own identity with its own token",
-        )
-        chain = _issue(address, root_pem, sleep.token, identity)
-        _info(f"granted {identity.uri}:")
-        print(textwrap.indent(describe_certificate(chain, color=color), "    "), flush=True)
-
-        _step(
-            4, total,
-            f"ztunnel on {ztunnel.node} asks for {identity.uri} by impersonation "
-            f"({sleep.pod} runs on {sleep.node})",
-        )  # fmt: skip
-        chain = _issue(address, root_pem, ztunnel.token, identity, impersonate=identity)
-        _info(f"granted {identity.uri} to the node agent:")
-        print(textwrap.indent(describe_certificate(chain, color=color), "    "), flush=True)
-
-        other = SpiffeId(TRUST_DOMAIN, httpbin.namespace, httpbin.service_account)
-        _step(
-            5, total,
-            f"ztunnel on {ztunnel.node} asks for {other.uri} (its only pod runs on {httpbin.node})",
-        )  # fmt: skip
+    def http(self, client: Any, server: Any) -> dict[str, Any]:
+        """The sample app's HTTP client, run inside ``client``'s netns (a pod or a
+        node), against ``server``'s echo server; its JSON once checked."""
+        url = f"http://{server.ip}:{APP_PORT}/demo"
+        argv = [sys.executable, "-m", "underpass.lab.sampleapp", "http", url]
+        proc = self.in_netns(client.netns, argv)
         try:
-            _issue(address, root_pem, ztunnel.token, other, impersonate=other)
+            doc: dict[str, Any] = json.loads(proc.stdout)
+        except ValueError:
+            raise DemoFailed(f"sample app client printed no JSON: {proc.stderr[-300:]}") from None
+        want = f"{server.namespace}/{server.name}"
+        if proc.returncode != 0 or doc.get("status") != 200 or doc.get("pod") != want:
+            raise DemoFailed(f"{url} from {client.name}: expected HTTP 200 from {want}, got {doc}")
+        return doc
+
+    def ruleset(self, pod: Any) -> str:
+        proc = self.in_netns(pod.netns, ["nft", "list", "ruleset"])
+        if proc.returncode != 0:
+            raise DemoFailed(f"nft list ruleset in {pod.name}: {proc.stderr.strip()}")
+        return proc.stdout
+
+    def status(self) -> dict[str, Any]:
+        status: dict[str, Any] = self.lab.status()
+        return status
+
+    def app_pids(self) -> dict[str, int]:
+        from underpass.lab import procs
+
+        records = procs.read_records(self.lab.paths.procs_dir)
+        return {r.key: r.pid for r in records if r.key.startswith("app.") and procs.is_alive(r)}
+
+    def until_enrolled(self, pods: list[Any], enrolled: bool) -> float:
+        """Wait for the agents (on registry events) to (un)annotate every pod; seconds."""
+        import trio
+
+        keys = [p.key for p in pods]
+
+        async def wait() -> None:
+            with trio.fail_after(ENROL_TIMEOUT):
+                await self.lab.registry.until(
+                    lambda s: all(k in s.pods and s.pods[k].enrolled is enrolled for k in keys)
+                )
+
+        started = time.perf_counter()
+        try:
+            trio.run(wait)
+        except trio.TooSlowError:
+            raise DemoFailed(
+                f"the node agents did not {'enrol' if enrolled else 'release'} the pods within "
+                f"{ENROL_TIMEOUT:.0f} s (their logs: {self.state_dir}/logs/agent.*.log)"
+            ) from None
+        return time.perf_counter() - started
+
+    # -------------------------------------------------------------------- steps
+
+    def bring_up(self) -> None:
+        import trio
+
+        from underpass.cli.lab import render_status
+        from underpass.lab.cluster import PodSpec, UpOptions
+
+        _step(1, "A two-node lab: nodes and pods are network namespaces, wired by the real CNI")
+        _info("chain (loopback, bridge + host-local, underpass-cni), a node agent in every node")
+        _info(f"$ underpass lab up --nodes 2 --pods-per-node 2 --namespaces {DEMO_NS} ...")
+        _info(f"  (prefix {self.prefix}, state in {self.state_dir}: a lab of its own)")
+        self.lab_made = True  # from here on, clean-up runs `lab down`
+        options = UpOptions(
+            nodes=2,
+            pods_per_node=2,
+            namespaces=(DEMO_NS,),
+            service_accounts=("echo",),
+            prefix=self.prefix,
+        )
+        report = trio.run(self.lab.up, options)
+        _info(f"$ underpass lab add-pod {OUTSIDE_NS}/{OUTSIDE_POD} --node node-2 ...")
+        spec = PodSpec(OUTSIDE_NS, OUTSIDE_POD, "node-2", OUTSIDE_POD, {"app": "echo"})
+        extra = trio.run(self.lab.add_pod, spec)
+        status = self.status()
+        pods = status["pods"]
+        if len(pods) != 5 or any(p["phase"] != "Running" or not p["ip"] for p in pods):
+            raise DemoFailed(f"expected 5 running pods with IPs, got {pods}")
+        if not all(n["agent"] and n["agent"]["running"] for n in status["nodes"]):
+            raise DemoFailed(f"a node agent is not running: {status['nodes']}")
+        print()
+        _block(render_status(status, services=False))
+        adds = [p["cni_add_ms"] for p in report["pods"]] + [extra.cni_add_ms]
+        mean = sum(adds) / len(adds)
+        _info()
+        _info(f"lab up in {report['seconds']:.1f} s; CNI ADD per pod {mean:.0f} ms on average")
+        _info("(loopback, then bridge + host-local + underpass-cni, asking the node's agent)")
+
+    def traffic(self, pairs: list[tuple[str, str, str]]) -> None:
+        """HTTP from each (client, server) pod, checking the server saw the client's IP."""
+        for client, server, where in pairs:
+            src, dst = self.pod(*client.split("/")), self.pod(*server.split("/"))
+            doc = self.http(src, dst)
+            if doc["client_ip"] != src.ip:
+                raise DemoFailed(f"{server} saw {doc['client_ip']}, not {client}'s {src.ip}")
+            _info(f"{client} ({src.ip}) -> {server} ({dst.ip}){where}: HTTP 200,")
+            _info(f"  the server saw the client as {doc['client_ip']}: the client's own pod IP")
+
+    def enrol(self) -> None:
+        from underpass.cli.lab import render_pods
+        from underpass.lab.registry import REDIRECTION_ANNOTATION
+
+        _step(3, f"Label namespace {DEMO_NS} {MODE_LABEL}=ambient: its running pods join the mesh")
+        demo_pods = [p for p in self.lab.registry.pods() if p.namespace == DEMO_NS]
+        apps = self.app_pids()
+        _info(f"$ underpass lab label namespace {DEMO_NS} {MODE_LABEL}=ambient")
+        self.lab.label("namespace", DEMO_NS, [f"{MODE_LABEL}=ambient"])
+        seconds = self.until_enrolled(demo_pods, True)
+        if self.app_pids() != apps:
+            raise DemoFailed("a pod's app process changed while the pods were enrolled")
+        _info(f"the node agents enrolled the {len(demo_pods)} running pods in {seconds:.2f} s,")
+        _info("live: the same app processes and network namespaces, no restart")
+        print()
+        _block(render_pods(self.status()))
+        pod = self.pod(DEMO_NS, "echo-1-1")
+        rules = self.ruleset(pod)
+        for needle in ("table inet underpass", "redirect to :15001", "redirect to :15006"):
+            if needle not in rules:
+                raise DemoFailed(f"{needle!r} missing from the ruleset in {pod.name}:\n{rules}")
+        _info()
+        _info(f"annotation on {DEMO_NS}/{pod.name}, set by its node agent:")
+        _info(f"  {REDIRECTION_ANNOTATION}: {pod.annotations[REDIRECTION_ANNOTATION]}")
+        _info(f"nft list ruleset, run inside {DEMO_NS}/{pod.name}'s network namespace:")
+        print(textwrap.indent(rules.rstrip("\n"), "    | ", lambda _line: True), flush=True)
+        outsider = self.pod(OUTSIDE_NS, OUTSIDE_POD)
+        if outsider.enrolled or "underpass" in self.ruleset(outsider):
+            raise DemoFailed(f"{OUTSIDE_NS}/{OUTSIDE_POD} was captured")
+        _info(f"{OUTSIDE_NS}/{OUTSIDE_POD} (namespace not labelled): not enrolled, no rules")
+
+    def no_tunnel_yet(self) -> None:
+        from underpass.lab.sockets import (
+            ZTUNNEL_MARK,
+            accept_one,
+            closing_all,
+            connect_from,
+            listener_in,
+            original_dst,
+        )
+
+        _step(4, "Captured, with no tunnel yet")
+        _info("ztunnel is not written yet: nothing listens on its ports inside the pods (15001")
+        _info("outbound, 15006 inbound), so captured connections have nowhere to go: refused.")
+        client, server = self.pod(DEMO_NS, "echo-1-1"), self.pod(DEMO_NS, "echo-2-1")
+        outsider = self.pod(OUTSIDE_NS, OUTSIDE_POD)
+
+        def refused(src: Any, dst: Any) -> None:
+            try:
+                sock = connect_from(src.netns, (dst.ip, APP_PORT))
+            except ConnectionRefusedError:
+                return
+            sock.close()
+            raise DemoFailed(f"{src.name} -> {dst.name}:{APP_PORT} was not refused")
+
+        def stand_in(where: Any, port: int, src: Any, dst: Any) -> tuple[str, tuple[str, int]]:
+            """A listener on ztunnel's ``port`` in ``where`` (with ztunnel's mark): the
+            (peer, original destination) of the src -> dst connection it receives."""
+            listener = listener_in(where.netns, port, mark=ZTUNNEL_MARK)
+            with closing_all(listener):
+                out = connect_from(src.netns, (dst.ip, APP_PORT))
+                with closing_all(out):
+                    conn = accept_one(listener)
+                    if conn is None:
+                        raise DemoFailed(f"{src.name} -> {dst.name} did not reach port {port}")
+                    with closing_all(conn):
+                        return conn.getpeername()[0], original_dst(conn)
+
+        refused(client, server)
+        _info(f"{DEMO_NS}/{client.name} -> {DEMO_NS}/{server.name}:{APP_PORT}: connection refused")
+        _, dst = stand_in(client, 15001, client, server)
+        if dst != (server.ip, APP_PORT):
+            raise DemoFailed(f"the stand-in on 15001 got a connection for {dst}")
+        _info(f"  a stand-in for ztunnel's outbound listener (port 15001, in {client.name}) gets")
+        _info(f"  it instead; SO_ORIGINAL_DST says it was for {dst[0]}:{dst[1]}")
+        refused(outsider, client)
+        _info(f"{OUTSIDE_NS}/{OUTSIDE_POD} -> {DEMO_NS}/{client.name}:{APP_PORT}: refused too")
+        peer, dst = stand_in(client, 15006, outsider, client)
+        if (peer, dst) != (outsider.ip, (client.ip, APP_PORT)):
+            raise DemoFailed(f"the stand-in on 15006 got a connection from {peer} for {dst}")
+        _info(f"  {OUTSIDE_POD}'s own traffic is not captured, but {client.name} captures it on")
+        _info(f"  arrival: a stand-in on port 15006 in {client.name} gets it from {peer},")
+        _info(f"  for {dst[0]}:{dst[1]}")
+        node = self.node(client.node)
+        doc = self.http(node, client)
+        if doc["client_ip"] != PROBE_ADDRESS:
+            raise DemoFailed(f"a probe from {node.name} arrived from {doc['client_ip']}")
+        _info(f"{node.name} -> {DEMO_NS}/{client.name}:{APP_PORT}, as a kubelet probe: HTTP 200;")
+        _info(f"  the server saw {PROBE_ADDRESS}: the agent SNATs the node's own traffic to")
+        _info("  captured pods to that address, which the pod's rules let through")
+
+    def release(self) -> None:
+        from underpass.cli.lab import render_pods
+        from underpass.lab.registry import REDIRECTION_ANNOTATION
+
+        _step(5, "Remove the label: the pods leave the mesh, traffic flows again")
+        demo_pods = [p for p in self.lab.registry.pods() if p.namespace == DEMO_NS]
+        _info(f"$ underpass lab label namespace {DEMO_NS} {MODE_LABEL}-")
+        self.lab.label("namespace", DEMO_NS, [f"{MODE_LABEL}-"])
+        seconds = self.until_enrolled(demo_pods, False)
+        _info(f"the node agents released the {len(demo_pods)} pods in {seconds:.2f} s")
+        print()
+        _block(render_pods(self.status()))
+        pod = self.pod(DEMO_NS, "echo-1-1")
+        if REDIRECTION_ANNOTATION in pod.annotations:
+            raise DemoFailed(f"{pod.name} still has {REDIRECTION_ANNOTATION}")
+        for each in demo_pods:
+            if "underpass" in self.ruleset(each):
+                raise DemoFailed(f"rules left in {each.name}:\n{self.ruleset(each)}")
+        rules = self.ruleset(pod)
+        _info()
+        _info(f"annotation {REDIRECTION_ANNOTATION} on {DEMO_NS}/{pod.name}: removed")
+        _info(f"nft list ruleset inside {DEMO_NS}/{pod.name}: {rules.strip() or '(empty)'}")
+        self.traffic([(CLIENT, SERVER, ""), (OUTSIDER, CLIENT, "")])
+
+    def start_ca(self) -> tuple[str, bytes]:
+        _step(6, "The CA, its callers taken from the lab registry")
+        self.callers = lab_callers(self.lab.registry.snapshot())
+        tokens = self.workdir / "lab-tokens.yaml"
+        write_token_file(tokens, self.callers)
+        _info(f"lab token file {tokens} (mode 0600): a random token, never")
+        _info("printed, for every pod in the lab registry and every node's agent:")
+        width = max(len(f"{c.namespace}/{c.pod}") for c in self.callers)
+        for c in self.callers:
+            _info(
+                f"  {c.namespace + '/' + c.pod:<{width}}   service account "
+                f"{c.service_account:<8} on {c.node}"
+            )
+        _info("$ underpass ca serve --listen 127.0.0.1:0 --auth lab --lab-tokens ... &")
+        self.ca = CaProcess(self.workdir, tokens)
+        ready = self.ca.wait_ready()
+        address, root_path = ready["address"], Path(ready["root_cert"])
+        _info(f"CA process {self.ca.proc.pid} serving on {address} (TLS)")
+        _info(f"root certificate {root_path}")
+        return address, root_path.read_bytes()
+
+    def caller(self, namespace: str, pod: str) -> LabPod:
+        found = next((c for c in self.callers if c.namespace == namespace and c.pod == pod), None)
+        if found is None:
+            raise DemoFailed(f"no caller {namespace}/{pod} in the token file")
+        return found
+
+    def certificates(self, address: str, root_pem: bytes) -> None:
+        from identity.spiffe import SpiffeId
+        from underpass.cli.ca import describe_certificate
+
+        pod = self.caller(DEMO_NS, "echo-1-1")
+        agent = self.caller(NODE_AGENT_NAMESPACE, f"ztunnel-{pod.node}")
+        identity = SpiffeId(TRUST_DOMAIN, pod.namespace, pod.service_account)
+        _step(7, f"Pod {pod.namespace}/{pod.pod} asks for its identity, then its node agent does")
+        chain = issue(address, root_pem, pod.token, identity)
+        _info(f"with the pod's own token: granted {identity.uri}:")
+        _block(describe_certificate(chain, color=self.color), "      ")
+        chain = issue(address, root_pem, agent.token, identity, impersonate=identity)
+        _info(f"ztunnel on {agent.node}, by impersonation ({pod.pod} runs on {pod.node}):")
+        _info(f"granted {identity.uri}:")
+        _block(describe_certificate(chain, color=self.color), "      ")
+
+    def refusal(self, address: str, root_pem: bytes) -> None:
+        from identity.errors import AuthenticationFailed
+        from identity.spiffe import SpiffeId
+
+        target = self.caller(OUTSIDE_NS, OUTSIDE_POD)
+        agent = self.caller(NODE_AGENT_NAMESPACE, "ztunnel-node-1")
+        if target.node == agent.node:
+            raise DemoFailed("the outside pod must run on another node for this step")
+        other = SpiffeId(TRUST_DOMAIN, target.namespace, target.service_account)
+        _step(8, f"ztunnel on {agent.node} asks for {other.uri}")
+        _info(f"(its only pod, {target.namespace}/{target.pod}, runs on {target.node})")
+        try:
+            issue(address, root_pem, agent.token, other, impersonate=other)
         except AuthenticationFailed as exc:
             _info("refused, as it must be: UNAUTHENTICATED")
             _info(f"the CA says: {exc}")
         else:
             raise DemoFailed(f"the CA granted {other.uri} to a node agent on another node")
-
-        _step(6, total, "The CA's metrics and audit log, then a clean stop")
-        metrics_url = ready.get("metrics", "off")
-        if metrics_url.startswith("http://"):
-            with urllib.request.urlopen(metrics_url, timeout=10) as response:  # noqa: S310 (our own loopback URL)
-                for line in response.read().decode().splitlines():
-                    if line.startswith("underpass_ca_") and "_total" in line:
-                        _info(line)
-        code = ca.stop()
-        ca = None
-        audit = []
-        for line in log_path.read_text().splitlines():
-            with contextlib.suppress(ValueError):
-                event = json.loads(line)
-                if event.get("event") == "ca.certificate_issued":
-                    audit.append(event)
-        _info(f"{len(audit)} audit lines (event ca.certificate_issued):")
-        for event in audit:
-            _info(
-                f"  {event['identity']} serial {event['serial']} for {event['caller']} "
-                f"(pod {event['caller_pod']} on {event['node']}), not after {event['not_after']}"
-            )
+        assert self.ca is not None
+        code = self.ca.stop()
+        audit = self.ca.audit()
+        self.ca = None
         if code != 0:
             raise DemoFailed(f"the CA exited with code {code} on SIGTERM")
+        _info(f"the CA's audit log: {len(audit)} certificates issued")
+        for event in audit:
+            _info(
+                f"  {event['identity']} serial {event['serial'][:16]}... to {event['caller']} "
+                f"(pod {event['caller_pod']} on {event['node']})"
+            )
         _info("CA stopped cleanly")
-        print("\nDemo complete.", flush=True)
+
+    def tear_down(self) -> None:
+        import trio
+
+        from underpass.lab.cluster import leftovers
+
+        _step(9, "Tear down")
+        _info("$ underpass lab down")
+        report = trio.run(self.lab.down, self.prefix)
+        self.lab_made = False
+        _info(
+            f"removed {len(report['netns'])} network namespaces, {report['pods']} pods (CNI "
+            f"DEL), {report['processes']} processes in {report['seconds']:.1f} s"
+        )
+        left = leftovers(self.prefix, self.state_dir)
+        if left:
+            raise DemoFailed(f"lab down left things behind: {left}")
+        shutil.rmtree(self.workdir)
+        if self.workdir.exists():
+            raise DemoFailed(f"{self.workdir} is still there")
+        _info(f"nothing left: no network namespace {self.prefix}-*, no lab process (node")
+        _info("agents, sample apps, CA), no socket, no state or work directory")
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> None:
+        self.bring_up()
+        _step(2, "Pod-to-pod traffic with the sample app (an HTTP echo server in every pod)")
+        self.traffic(
+            [
+                (CLIENT, SERVER, ", across nodes"),
+                (CLIENT, f"{DEMO_NS}/echo-1-2", ", on one node"),
+                (OUTSIDER, CLIENT, ", across nodes"),
+            ]
+        )
+        self.enrol()
+        self.no_tunnel_yet()
+        self.release()
+        address, root_pem = self.start_ca()
+        self.certificates(address, root_pem)
+        self.refusal(address, root_pem)
+        self.tear_down()
+
+    def cleanup(self, keep: bool) -> None:
+        """Release whatever is still held; safe to call after any step."""
+        import trio
+
+        with _uninterruptible():
+            if self.ca is not None:
+                self.ca.stop()
+                self.ca = None
+            logs = self.lab.paths.logs_dir
+            if keep and logs.is_dir():  # lab down removes them with the state directory
+                shutil.copytree(logs, self.workdir / "lab-logs", dirs_exist_ok=True)
+            if self.lab_made:
+                try:
+                    trio.run(self.lab.down, self.prefix)
+                    self.lab_made = False
+                except Exception as exc:
+                    print(
+                        f"clean-up failed: {exc}\nremove the lab with: underpass lab down "
+                        f"--state-dir {self.state_dir} --prefix {self.prefix}",
+                        file=sys.stderr,
+                    )
+            if keep and self.workdir.exists():
+                print(f"(kept {self.workdir})", file=sys.stderr)
+            else:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def run_demo(keep: bool = False) -> int:
+    from identity.errors import IdentityError
+    from underpass.cli.lab import leaf_error
+    from underpass.lab.errors import LabError
+
+    started = time.perf_counter()
+    try:
+        _preflight()
+    except DemoFailed as failed:
+        print(f"demo cannot run: {failed}", file=sys.stderr)
+        return 1
+    demo = Demo(Path(tempfile.mkdtemp(prefix="underpass-demo-")), color=sys.stdout.isatty())
+    print(f"Underpass demo (work directory {demo.workdir})", flush=True)
+    try:
+        demo.run()
+        print(f"\nDemo complete in {time.perf_counter() - started:.1f} s.", flush=True)
         return 0
-    except KeyboardInterrupt:
-        print("\ninterrupted: stopping the CA and removing the work directory", file=sys.stderr)
-        raise
-    except (DemoFailed, IdentityError, OSError) as exc:
-        print(f"\ndemo failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        if log_path.exists():
+    except BaseException as raised:  # trio nurseries wrap errors in groups: unwrap
+        error = leaf_error(raised)
+        if isinstance(error, KeyboardInterrupt):
+            print("\ninterrupted: cleaning up (stopping the CA, lab down)", file=sys.stderr)
+            return 130
+        expected = (DemoFailed, LabError, IdentityError, OSError, subprocess.SubprocessError)
+        if not isinstance(error, expected):
+            raise
+        print(f"\ndemo failed: {type(error).__name__}: {error}", file=sys.stderr)
+        if demo.ca is not None:
             print("last lines of the CA's log:", file=sys.stderr)
-            _print_tail(log_path)
+            for line in demo.ca.tail():
+                print(f"    | {line}", file=sys.stderr)
         return 1
     finally:
-        if ca is not None:
-            ca.stop()
-        if keep:
-            print(f"(kept {workdir})", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        demo.cleanup(keep)
 
 
 def _run(args: argparse.Namespace) -> int:
-    with _terminate_on_sigterm():
+    from underpass import log
+
+    if not args.verbose:
+        log.configure("warning", args.log_format)  # progress lines only, unless asked
+    with _sigterm_as_sigint():
         return run_demo(keep=args.keep)
 
 
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
         "demo",
-        help="run the demo: the CA issuing workload certificates over gRPC",
-        description="Start the CA as a subprocess on 127.0.0.1 with a temporary lab, issue a "
-        "certificate to a pod with its own token and by node-agent impersonation, show that "
-        "impersonation for a pod on another node is refused, then clean up.",
+        help="run the demo (root): a two-node lab, pods joining the mesh live, identities",
+        description="Bring up a two-node lab of its own, show pod-to-pod traffic, enrol a "
+        "namespace in the mesh and release it again (no pod restarts), issue SPIFFE "
+        "certificates to the lab's pods from the CA (own token, node-agent impersonation, "
+        "a refusal), then tear everything down. Needs root; cleans up on every exit path.",
     )
     p.add_argument(
         "--keep",
         action="store_true",
-        help="keep the temporary directory (CA state, token file, CA log) for inspection",
+        help="keep the work directory (CA state and log, token file, the lab's logs in "
+        "lab-logs/); the lab itself is always removed",
     )
+    p.add_argument("--verbose", action="store_true", help="also show info-level logs")
     p.set_defaults(func=_run)

@@ -4,7 +4,7 @@ Owns the command-line face of :mod:`underpass.lab`: argument parsing, tables
 and JSON output, and turning lab errors into one readable line and exit
 status 1. The work itself is in :mod:`underpass.lab.cluster`.
 
-    underpass lab up --nodes 2 --pods-per-node 2 [--json]
+    underpass lab up --nodes 2 --pods-per-node 2 [--no-mesh] [--json]
     underpass lab status
     underpass lab exec default/echo-1-1 -- python -m underpass.lab.sampleapp http http://10.244.2.2:8080/
     underpass lab exec --node node-1 -- ip route
@@ -61,8 +61,10 @@ def register(sub: Any) -> None:
         help="a local cluster: nodes and pods made of network namespaces, wired by real CNI",
         description=(
             "The lab: nodes are network namespaces on an underlay bridge, pods are network "
-            "namespaces wired by the real CNI plugins (loopback, bridge + host-local, "
-            "optionally underpass-cni), and a registry stands in for the Kubernetes API."
+            "namespaces wired by the real CNI plugins (loopback, bridge + host-local, then "
+            "underpass-cni), a node agent (underpass cni-agent) runs in every node, and a "
+            "registry stands in for the Kubernetes API. Label a namespace "
+            "istio.io/dataplane-mode=ambient to put its pods in the mesh."
         ),
     )
     lab_sub = p.add_subparsers(dest="lab_command", metavar="LAB_COMMAND", required=True)
@@ -109,10 +111,12 @@ def register(sub: Any) -> None:
         "removed by down)",
     )
     up.add_argument(
-        "--underpass-cni",
+        "--mesh",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="end the CNI chain with underpass-cni (default: off)",
+        help="run the mesh's capture path: a node agent per node (underpass cni-agent, log "
+        "in STATE/logs/agent.NODE.log) and underpass-cni at the end of each node's CNI "
+        "chain (default: on; --no-mesh gives plain pod networking; fixed for a lab's life)",
     )
     up.add_argument("--no-apps", action="store_true", help="do not start the sample app in pods")
     up.add_argument("--no-services", action="store_true", help="do not create echo services")
@@ -172,6 +176,15 @@ def register(sub: Any) -> None:
     app.set_defaults(func=sampleapp.run)
 
 
+def leaf_error(exc: BaseException) -> BaseException:
+    """The error inside (nested) exception groups, as trio nurseries raise them: a
+    KeyboardInterrupt if there is one, else the first leaf."""
+    while isinstance(exc, BaseExceptionGroup):
+        interrupt, _ = exc.split(KeyboardInterrupt)
+        exc = interrupt.exceptions[0] if interrupt is not None else exc.exceptions[0]
+    return exc
+
+
 def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         # pyroute2 logs every netlink message at debug: keep `--log-level debug` readable
@@ -179,6 +192,14 @@ def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
             logging.getLogger(noisy).setLevel(max(logging.INFO, logging.root.level))
         try:
             return fn(args)
+        except BaseExceptionGroup as group:
+            exc = leaf_error(group)
+            if isinstance(exc, KeyboardInterrupt):
+                raise exc from None
+            if not isinstance(exc, LabError):
+                raise
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         except LabError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
@@ -219,7 +240,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         cluster_cidr=args.cluster_cidr,
         service_cidr=args.service_cidr,
         host_link=args.host_link,
-        underpass_cni=args.underpass_cni,
+        mesh=args.mesh,
         apps=not args.no_apps,
         services=not args.no_services,
     )
@@ -230,10 +251,12 @@ def _cmd_up(args: argparse.Namespace) -> int:
     _print_status(lab.status())
     changed = [p for p in report["pods"] if p["action"] != "unchanged"]
     mean = report["cni_add_ms_mean"]
+    started = [n for n, action in report["agents"].items() if action != "running"]
     print(
         f"\nlab {report['lab']['prefix']} up in {report['seconds']:.2f} s: "
         f"{len(report['pods'])} pods, {len(changed)} (re)created"
         + (f", mean CNI ADD {mean} ms" if mean is not None else "")
+        + (f", node agents (re)started on {', '.join(started)}" if started else "")
     )
     return 0
 
@@ -269,65 +292,53 @@ def _labels(labels: dict[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
 
 
+def _agent_cell(agent: dict[str, Any] | None) -> str:
+    if agent is None:
+        return "-"  # no mesh in this lab
+    if agent["running"]:
+        return f"running (pid {agent['pid']})"
+    return "NOT RUNNING"
+
+
 def _print_status(status: dict[str, Any]) -> None:
+    print(render_status(status), end="")
+
+
+def render_status(status: dict[str, Any], *, services: bool = True) -> str:
+    """``lab status`` as text: a header line, then nodes, namespaces, pods (and
+    services) tables separated by blank lines."""
     lab = status["lab"]
-    print(
-        f"lab {lab['prefix']}  state {lab['state_dir']}  underlay {lab['underlay_cidr']} "
-        f"(fabric {lab['fabric_ip']}{', host ' + lab['host_ip'] if lab['host_ip'] else ''})  "
-        f"underpass-cni {'on' if lab['underpass_cni'] else 'off'}\n"
+    mesh = (
+        f"mesh on (node agent logs: {lab['state_dir']}/logs/agent.NODE.log)"
+        if lab["mesh"]
+        else "mesh off"
     )
-    print(
+    parts = [
+        f"lab {lab['prefix']}  state {lab['state_dir']}  underlay {lab['underlay_cidr']} "
+        f"(fabric {lab['fabric_ip']}{', host ' + lab['host_ip'] if lab['host_ip'] else ''})\n"
+        f"{mesh}\n",
         table.render(
-            ["node", "underlay ip", "pod cidr", "pods", "netns"],
+            ["node", "underlay ip", "pod cidr", "pods", "agent", "netns"],
             [
                 [
                     n["name"],
                     n["underlay_ip"],
                     n["pod_cidr"],
                     n["pods"],
+                    _agent_cell(n["agent"]),
                     n["netns"] if n["netns_present"] else f"{n['netns']} (missing)",
                 ]
                 for n in status["nodes"]
             ],
-        )
-    )
-    print(
+        ),
         table.render(
             ["namespace", "labels"],
             [[n["name"], _labels(n["labels"])] for n in status["namespaces"]],
-        )
-    )
-    print(
-        table.render(
-            [
-                "namespace",
-                "pod name",
-                "node",
-                "address",
-                "service account",
-                "status",
-                "enrolled",
-                "app",
-            ],
-            [
-                [
-                    p["namespace"],
-                    p["name"],
-                    p["node"],
-                    p["ip"],
-                    p["service_account"],
-                    p["phase"] if p["netns_present"] else f"{p['phase']} (netns missing)",
-                    p["enrolled"],
-                    "running" if p["app_running"] else None,
-                ]
-                for p in status["pods"]
-            ],
         ),
-        end="",
-    )
-    if status["services"]:
-        print()
-        print(
+        render_pods(status),
+    ]
+    if services and status["services"]:
+        parts.append(
             table.render(
                 ["namespace", "service name", "service vip", "ports", "endpoints"],
                 [
@@ -340,9 +351,38 @@ def _print_status(status: dict[str, Any]) -> None:
                     ]
                     for s in status["services"]
                 ],
-            ),
-            end="",
+            )
         )
+    return "\n".join(parts)
+
+
+def render_pods(status: dict[str, Any]) -> str:
+    """The pods table of ``lab status``."""
+    return table.render(
+        [
+            "namespace",
+            "pod name",
+            "node",
+            "address",
+            "service account",
+            "status",
+            "enrolled",
+            "app",
+        ],
+        [
+            [
+                p["namespace"],
+                p["name"],
+                p["node"],
+                p["ip"],
+                p["service_account"],
+                p["phase"] if p["netns_present"] else f"{p['phase']} (netns missing)",
+                p["enrolled"],
+                "running" if p["app_running"] else None,
+            ]
+            for p in status["pods"]
+        ],
+    )
 
 
 def _cmd_exec(args: argparse.Namespace) -> int:

@@ -14,8 +14,10 @@ Modules:
   CNI 1.0 runtime does (env, stdin config, ``prevResult``, result cache).
 - :mod:`underpass.lab.netns`: network-namespace helpers (create, enter, sysctl).
 - :mod:`underpass.lab.procs`: processes the lab starts (tracked so ``down`` stops them).
+- :mod:`underpass.lab.agents`: the node agents (``underpass cni-agent``), one per node.
 - :mod:`underpass.lab.cluster`: ``up`` / ``down`` / ``add_pod`` / ``delete_pod`` / labels.
 - :mod:`underpass.lab.sampleapp`: HTTP and raw-TCP echo servers and their clients.
+- :mod:`underpass.lab.sockets`: sockets made inside a netns, to look at capture.
 
 Only the registry is imported by other components; the rest is the lab's own.
 """

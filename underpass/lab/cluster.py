@@ -8,13 +8,16 @@ Owns the lab's topology and its life cycle:
 - nodes: netns ``<prefix>-node-<i>``, ``eth0`` = a veth to the fabric at
   .(10+i), forwarding on, a route to every other node's pod CIDR
   (10.244.<i>.0/24) via that node's underlay address, and its CNI conflist;
+- the mesh (on unless ``--no-mesh``): one node agent per node
+  (:mod:`underpass.lab.agents`), running and answering before any pod's CNI
+  ADD, and ``underpass-cni`` at the end of every node's chain;
 - pods: netns ``<prefix>-pod-<namespace>.<name>``, recorded in the registry
   (Pending) *before* the CNI ADD, as a kubelet does, so the CNI chain can look
   the pod up; Running with its IP after; the sample app started inside;
 - optionally (``host_link``) a veth from the root netns to the fabric; it is
   the only thing the lab ever puts in the root netns, and ``down`` removes it;
-- ``down``: stop processes, CNI DEL every pod, delete every netns and link,
-  remove the state directory.
+- ``down``: stop processes (apps, agents), CNI DEL every pod, delete every
+  netns and link, remove the state directory.
 
 Every step is idempotent: ``up`` twice changes nothing the second time.
 """
@@ -41,7 +44,7 @@ from typing import Any, Final
 import structlog
 import trio
 
-from underpass.lab import netns, procs
+from underpass.lab import agents, netns, procs
 from underpass.lab.cni_runner import (
     LOOPBACK_CONFLIST,
     CniRunner,
@@ -113,6 +116,21 @@ def lab_netns_names(prefix: str, names: Sequence[str]) -> list[str]:
     ]
 
 
+def leftovers(prefix: str, state_dir: Path) -> list[str]:
+    """What of the lab (``prefix``, ``state_dir``) is still on this machine: network
+    namespaces, the root link, processes, the state directory. Empty after ``down``."""
+    left = [f"netns {n}" for n in netns.list_names() if n.startswith(f"{prefix}-")]
+    with netns.ipr(None) as root:
+        if _index(root, host_ifname(prefix)) is not None:
+            left.append(f"root link {host_ifname(prefix)}")
+    pids = set(procs.processes_mentioning(f"lab={prefix}"))
+    pids |= set(procs.processes_mentioning(str(state_dir)))
+    left += [f"process {pid}" for pid in sorted(pids)]
+    if state_dir.exists():
+        left.append(f"state dir {state_dir}")
+    return left
+
+
 def host_ifname(prefix: str) -> str:
     """Root-side veth name: unique per prefix and within IFNAMSIZ (15)."""
     return "uph" + hashlib.sha256(prefix.encode()).hexdigest()[:8]
@@ -156,7 +174,7 @@ class UpOptions:
     cluster_cidr: str | None = None
     service_cidr: str | None = None
     host_link: bool | None = None
-    underpass_cni: bool | None = None
+    mesh: bool | None = None  # None: on for a new lab, unchanged for an existing one
     apps: bool = True
     services: bool = True
 
@@ -271,6 +289,7 @@ class Lab:
                 "cluster_cidr": opts.cluster_cidr,
                 "service_cidr": opts.service_cidr,
                 "host_link": opts.host_link,
+                "mesh": opts.mesh,
             }
             for key, value in asked.items():
                 if value is not None and getattr(existing, key) != value:
@@ -279,9 +298,7 @@ class Lab:
                         f"not {value}: run `underpass lab down --state-dir {self.state_dir}` "
                         "first, or use another --state-dir"
                     )
-            if opts.underpass_cni is None or opts.underpass_cni == existing.underpass_cni:
-                return existing
-            return dataclasses.replace(existing, underpass_cni=opts.underpass_cni)
+            return existing
         prefix = opts.prefix or DEFAULT_PREFIX
         if not _PREFIX.match(prefix):
             raise LabError(
@@ -317,7 +334,7 @@ class Lab:
             host_link=host_link,
             host_ifname=host_ifname(prefix) if host_link else None,
             host_ip=str(underlay.broadcast_address - 1) if host_link else None,
-            underpass_cni=bool(opts.underpass_cni),
+            mesh=opts.mesh is not False,
         )
 
     def _check_capacity(self, cfg: LabConfig, nodes: int) -> None:
@@ -343,10 +360,11 @@ class Lab:
             raise LabError("--pods-per-node must be 0 or more")
         cfg = self._resolve_config(opts)
         self._check_capacity(cfg, opts.nodes)
-        if cfg.underpass_cni and find_underpass_cni() is None:
+        if cfg.mesh and find_underpass_cni() is None:
             raise LabError(
-                "the CNI chain asks for underpass-cni but no `underpass-cni` executable is "
-                f"beside {sys.executable} or on PATH: install the package (pip install -e .)"
+                "the mesh needs underpass-cni in the CNI chain but no `underpass-cni` "
+                f"executable is beside {sys.executable} or on PATH: install the package "
+                "(pip install -e .), or run the lab without the mesh (--no-mesh)"
             )
         if not self.registry.exists() or self.registry.config() is None:
             created = self.registry.initialize()
@@ -375,6 +393,7 @@ class Lab:
         if opts.services:
             for ns in opts.namespaces:
                 self._ensure_service(cfg, ns)
+        agent_actions = await self._ensure_agents(cfg, nodes) if cfg.mesh else {}
         specs = self._plan_pods(opts)
         outcomes = await self._ensure_pods(cfg, specs, apps=opts.apps)
         seconds = time.perf_counter() - started
@@ -383,6 +402,7 @@ class Lab:
         report = {
             "lab": _config_dict(cfg, self.state_dir),
             "nodes": [obj_dict(n) for n in nodes],
+            "agents": agent_actions,
             "pods": [o.to_dict() for o in outcomes],
             "seconds": round(seconds, 3),
             "cni_add_ms_mean": round(sum(added) / len(added), 1) if added else None,
@@ -525,7 +545,7 @@ class Lab:
         conflist = build_conflist(
             pod_cidr=node.pod_cidr,
             ipam_dir=self.paths.ipam_dir(node.name),
-            underpass_cni=cfg.underpass_cni,
+            underpass_cni=cfg.mesh,
             agent_socket=self.paths.agent_socket(node.name),
             lab_registry=self.state_dir,
         )
@@ -575,6 +595,28 @@ class Lab:
                     selector={APP_LABEL: APP_NAME},
                 )
             )
+
+    # ---- node agents
+
+    async def _ensure_agents(self, cfg: LabConfig, nodes: Sequence[Node]) -> dict[str, str]:
+        """Every node's agent running and answering (in parallel); node -> action."""
+        actions: dict[str, str] = {}
+        errors: list[str] = []
+
+        async def one(node: Node) -> None:
+            try:
+                runner = self._runner(cfg, node)
+                conflist = self._read_conflist(node.name)
+                actions[node.name] = await agents.ensure(self.paths, node, runner, conflist)
+            except LabError as exc:
+                errors.append(str(exc))
+
+        async with trio.open_nursery() as nursery:
+            for node in nodes:
+                nursery.start_soon(one, node)
+        if errors:
+            raise LabError("; ".join(sorted(errors)))
+        return dict(sorted(actions.items()))
 
     # ---- pods
 
@@ -626,7 +668,13 @@ class Lab:
             log.info("lab.namespace.created", namespace=spec.namespace)
         outcome = await self._ensure_pod(cfg, spec, app=app)
         if outcome.action == "failed":
-            raise LabError(f"pod {spec.namespace}/{spec.name}: {outcome.error}")
+            hint = ""
+            if cfg.mesh and not agents.state(self.paths, spec.node)["running"]:
+                hint = (
+                    f". The node agent of {spec.node} is not running: `underpass lab up "
+                    f"--state-dir {self.state_dir}` starts it again"
+                )
+            raise LabError(f"pod {spec.namespace}/{spec.name}: {outcome.error}{hint}")
         return outcome
 
     async def _ensure_pod(self, cfg: LabConfig, spec: PodSpec, *, app: bool) -> PodOutcome:
@@ -735,7 +783,7 @@ class Lab:
         await procs.stop(self.paths.procs_dir, app_key(pod.namespace, pod.name))
         inode = netns.inode(pod.netns)
         if inode is not None:
-            await procs.terminate(netns.pids_in({inode}))
+            await procs.terminate(procs.pids_in({inode}))
         node = self.registry.node(pod.node)
         sandbox = _sandbox(pod)
         if node is not None:
@@ -829,6 +877,7 @@ class Lab:
             doc = obj_dict(node)
             doc["netns_present"] = os.path.exists(node.netns)
             doc["pods"] = len(snap.pods_on_node(node.name))
+            doc["agent"] = agents.state(self.paths, node.name) if cfg.mesh else None
             nodes.append(doc)
         return {
             "lab": _config_dict(cfg, self.state_dir),
@@ -855,6 +904,7 @@ class Lab:
             "pods": 0,
             "netns": [],
             "links": [],
+            "sockets": [],
             "warnings": [],
         }
         cfg: LabConfig | None = None
@@ -894,13 +944,15 @@ class Lab:
         }
         names = {n for n in names if netns.exists(n)}
 
-        # 1. processes: the tracked ones, then anything else living in the lab's netns
-        for record in procs.read_records(self.paths.procs_dir):
-            if procs.is_alive(record):
-                await procs.terminate([record.pid])
-                report["processes"] += 1
+        # 1. processes: the tracked ones (apps, node agents), then anything else
+        #    living in the lab's netns; then the agents' sockets
+        tracked = [r.pid for r in procs.read_records(self.paths.procs_dir) if procs.is_alive(r)]
+        await procs.terminate(tracked)
+        report["processes"] += len(tracked)
+        for node in nodes:
+            report["sockets"] += [str(p) for p in agents.remove_sockets(self.paths, node.name)]
         inodes = {i for i in (netns.inode(netns.path_of(n)) for n in names) if i is not None}
-        strays = netns.pids_in(inodes)
+        strays = procs.pids_in(inodes)
         if strays:
             log.info("lab.down.processes", pids=strays)
             await procs.terminate(strays)

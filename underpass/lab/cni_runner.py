@@ -153,21 +153,22 @@ def cni_args(sandbox: Sandbox) -> str:
 
 def cni_env(
     command: str,
-    sandbox: Sandbox,
+    sandbox: Sandbox | None,
     ifname: str,
     path: str,
     base: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """The plugin's environment: the runtime's own plus the CNI_* variables."""
+    """The plugin's environment: the runtime's own plus the CNI_* variables
+    (``sandbox`` None: a command about no container, such as STATUS)."""
     env = dict(os.environ if base is None else base)
-    env.update(
-        CNI_COMMAND=command,
-        CNI_CONTAINERID=sandbox.container_id,
-        CNI_NETNS=sandbox.netns,
-        CNI_IFNAME=ifname,
-        CNI_ARGS=cni_args(sandbox),
-        CNI_PATH=path,
-    )
+    env.update(CNI_COMMAND=command, CNI_PATH=path)
+    if sandbox is not None:
+        env.update(
+            CNI_CONTAINERID=sandbox.container_id,
+            CNI_NETNS=sandbox.netns,
+            CNI_IFNAME=ifname,
+            CNI_ARGS=cni_args(sandbox),
+        )
     return env
 
 
@@ -218,7 +219,7 @@ class CniRunner:
     async def exec_plugin(
         self,
         command: str,
-        sandbox: Sandbox,
+        sandbox: Sandbox | None,
         ifname: str,
         config: Mapping[str, Any],
     ) -> dict[str, Any] | None:
@@ -249,7 +250,7 @@ class CniRunner:
             "cni.exec",
             plugin=plugin_type,
             command=command,
-            pod=f"{sandbox.namespace}/{sandbox.name}",
+            pod=f"{sandbox.namespace}/{sandbox.name}" if sandbox else None,
             ifname=ifname,
             rc=proc.returncode,
             ms=round(elapsed_ms, 1),
@@ -307,6 +308,20 @@ class CniRunner:
             )
         with contextlib.suppress(FileNotFoundError):
             cache_file(self.cache_dir, str(used["name"]), sandbox.container_id, ifname).unlink()
+
+    async def status(self, conflist: Mapping[str, Any], plugin_type: str) -> None:
+        """CNI 1.1 STATUS of the chain's ``plugin_type`` plugin: returns when the
+        plugin says it is ready for ADDs, raises :class:`CniError` otherwise.
+
+        The node's conflist is 1.0.0 and the standard plugins predate STATUS, so
+        the lab asks only the one plugin that answers it (``underpass-cni``,
+        which asks its node agent), at cniVersion 1.1.0.
+        """
+        plugin = next((p for p in conflist["plugins"] if p.get("type") == plugin_type), None)
+        if plugin is None:
+            raise CniError(plugin_type, "STATUS", 7, f"not in network {conflist['name']!r}")
+        config = plugin_config({**conflist, "cniVersion": "1.1.0"}, plugin, None)
+        await self.exec_plugin("STATUS", None, "", config)
 
     def _write_cache(
         self,

@@ -2,31 +2,38 @@
 
 Owns how the lab creates, opens, enters and removes named network namespaces
 (``/run/netns/<name>``, the same files ``ip netns`` uses), how it runs a
-command inside one, how it sets a per-namespace sysctl, and how it finds the
-processes living in a namespace (so that ``lab down`` can stop them).
+command inside one and how it sets a per-namespace sysctl. (Finding the
+processes living in a namespace is :func:`underpass.lab.procs.pids_in`.)
 Netlink work goes through pyroute2; commands go through ``nsenter`` so the
-child starts in the target namespace from its first instruction.
+child starts in the target namespace from its first instruction; work this
+process does inside a namespace goes through :mod:`underpass.netns` (the
+project's one ``setns`` binding).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import os
-import threading
+import signal
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from underpass import netns as core_netns
 from underpass.lab.errors import NetnsError
 
 NETNS_DIR = Path("/run/netns")
-CLONE_NEWNET = 0x40000000
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
-_libc.setns.restype = ctypes.c_int
+
+def _default_signals_in_child() -> None:
+    """pyroute2 forks (without exec) to work inside other namespaces. Such a child
+    must die of Ctrl-C or SIGTERM like any helper, not raise KeyboardInterrupt into
+    its copy of our stack and go on running the lab's (or the demo's) code."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+os.register_at_fork(after_in_child=_default_signals_in_child)
 
 
 def path_of(name: str) -> str:
@@ -93,39 +100,23 @@ def ipr(name: str | None) -> Iterator[Any]:
         handle.close()
 
 
-def setns(path: str) -> None:
-    """Move the *calling thread* into the netns at ``path``."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise NetnsError(f"setns({path}): {os.strerror(err)}")
-    finally:
-        os.close(fd)
-
-
 def set_sysctl(name: str, key: str, value: str) -> None:
     """Write a net.* sysctl inside the named netns.
 
     /proc/sys/net resolves against the netns of the task that opens it, so a
-    short-lived thread enters the namespace and writes there; the rest of the
-    process never leaves its own namespace.
+    short-lived thread enters the namespace and writes there
+    (:func:`underpass.netns.run_in_netns`); the rest of the process never
+    leaves its own namespace.
     """
-    errors: list[BaseException] = []
     target = Path("/proc/sys") / key.replace(".", "/")
 
-    def worker() -> None:
-        try:
-            setns(path_of(name))
-            target.write_text(f"{value}\n", encoding="ascii")
-        except BaseException as exc:
-            errors.append(exc)
+    def write() -> None:
+        target.write_text(f"{value}\n", encoding="ascii")
 
-    thread = threading.Thread(target=worker, name=f"sysctl-{name}")
-    thread.start()
-    thread.join()
-    if errors:
-        raise NetnsError(f"cannot set {key}={value} in netns {name}: {errors[0]}")
+    try:
+        core_netns.run_in_netns(path_of(name), write)
+    except OSError as exc:
+        raise NetnsError(f"cannot set {key}={value} in netns {name}: {exc}") from exc
 
 
 def argv_in(netns_path: str, argv: Sequence[str]) -> list[str]:
@@ -138,22 +129,3 @@ def inode(path: str) -> int | None:
         return os.stat(path).st_ino
     except FileNotFoundError:
         return None
-
-
-def pids_in(inodes: set[int]) -> list[int]:
-    """Processes whose network namespace is one of ``inodes`` (never this process)."""
-    found = []
-    me = os.getpid()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        try:
-            link = os.readlink(f"/proc/{entry}/ns/net")
-        except OSError as exc:
-            if exc.errno in (errno.ENOENT, errno.ESRCH, errno.EACCES):
-                continue
-            raise
-        # "net:[4026532288]"
-        if link.startswith("net:[") and int(link[5:-1]) in inodes:
-            found.append(int(entry))
-    return found

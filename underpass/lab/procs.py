@@ -1,19 +1,21 @@
 """Processes the lab starts inside its namespaces, tracked so that ``down`` stops them.
 
-Owns starting a long-running process inside a netns (detached into its own
-session, output to a log file, readiness reported on an inherited pipe), the
-record kept for it under ``<state>/procs/<key>.json`` (pid plus the kernel's
-start time, so a recycled pid is never signalled), and stopping processes:
-SIGTERM, wait on a pidfd, SIGKILL if they linger.
+Owns finding processes (by network namespace, by command line), starting a
+long-running process inside a netns (detached into its own session, output to a
+log file, readiness reported on an inherited pipe), the record kept for it under
+``<state>/procs/<key>.json`` (pid plus the kernel's start time, so a recycled
+pid is never signalled), and stopping processes: SIGTERM, wait on a pidfd,
+SIGKILL if they linger.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import signal
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +56,44 @@ def starttime(pid: int) -> int | None:
 
 def is_alive(record: ProcRecord) -> bool:
     return starttime(record.pid) == record.starttime
+
+
+def _other_pids() -> Iterator[int]:
+    """Every process id but this process's own."""
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != me:
+            yield int(entry)
+
+
+def pids_in(inodes: set[int]) -> list[int]:
+    """Processes whose network namespace is one of ``inodes`` (never this process)."""
+    found = []
+    for pid in _other_pids():
+        try:
+            link = os.readlink(f"/proc/{pid}/ns/net")
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ESRCH, errno.EACCES):
+                continue
+            raise
+        # "net:[4026532288]"
+        if link.startswith("net:[") and int(link[5:-1]) in inodes:
+            found.append(pid)
+    return found
+
+
+def processes_mentioning(needle: str) -> list[int]:
+    """Processes whose command line contains ``needle`` (never this process)."""
+    found = []
+    for pid in _other_pids():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmdline = fh.read().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if needle.encode() in cmdline:
+            found.append(pid)
+    return found
 
 
 def record_path(procs_dir: Path, key: str) -> Path:

@@ -38,7 +38,7 @@ import os
 import re
 import threading
 import types
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -343,7 +343,9 @@ class LabConfig:
     host_link: bool = False  # a veth from the root netns to the fabric (opt-in)
     host_ifname: str | None = None
     host_ip: str | None = None
-    underpass_cni: bool = False  # whether the CNI chain ends with underpass-cni
+    #: The mesh's capture path: a node agent (``underpass cni-agent``) runs in every
+    #: node and the CNI chain ends with ``underpass-cni``.
+    mesh: bool = True
     cni_bin_dir: str = "/usr/lib/cni"
     created_dirs: tuple[str, ...] = ()  # directories `up` created (so `down` removes them)
 
@@ -402,6 +404,10 @@ class LabPaths:
     def zds_socket(self, node: str) -> Path:
         """The node's ZDS socket (in place of /var/run/ztunnel/ztunnel.sock)."""
         return self.node_dir(node) / "ztunnel.sock"
+
+    def agent_log(self, node: str) -> Path:
+        """The log file of the node's CNI agent (JSON lines)."""
+        return self.logs_dir / f"agent.{node}.log"
 
 
 # --------------------------------------------------------------------------- JSON codec
@@ -510,6 +516,13 @@ def encode_config(config: LabConfig) -> dict[str, Any]:
     return doc
 
 
+def _decode_mesh(doc: Mapping[str, Any]) -> bool:
+    mesh = _get(doc, "mesh", bool, optional=True)
+    if mesh is None:  # a lab made before node agents were part of it
+        return bool(_get(doc, "underpass_cni", bool, optional=True))
+    return bool(mesh)
+
+
 def _decode_config(doc: Mapping[str, Any]) -> LabConfig:
     dirs = _get(doc, "created_dirs", list)
     if not all(isinstance(d, str) for d in dirs):
@@ -524,7 +537,7 @@ def _decode_config(doc: Mapping[str, Any]) -> LabConfig:
         host_link=_get(doc, "host_link", bool),
         host_ifname=_get(doc, "host_ifname", str, optional=True),
         host_ip=_get(doc, "host_ip", str, optional=True),
-        underpass_cni=_get(doc, "underpass_cni", bool),
+        mesh=_decode_mesh(doc),
         cni_bin_dir=_get(doc, "cni_bin_dir", str),
         created_dirs=tuple(dirs),
     )
@@ -931,7 +944,18 @@ class LabRegistry:
 
     # ---- watch
 
-    async def watch(self) -> AsyncIterator[Snapshot]:
+    async def until(self, predicate: Callable[[Snapshot], bool]) -> Snapshot:
+        """The first snapshot, now or after a change, for which ``predicate`` holds.
+
+        Event-driven (:meth:`watch`); the caller bounds the wait (``trio.fail_after``).
+        """
+        async with contextlib.aclosing(self.watch()) as snapshots:
+            async for snap in snapshots:
+                if predicate(snap):
+                    return snap
+        raise LabStateError(f"lab state directory {self.state_dir} went away")  # pragma: no cover
+
+    async def watch(self) -> AsyncGenerator[Snapshot, None]:
         """Yield the current snapshot, then a new one after each change.
 
         Event-driven: sleeps on an inotify descriptor until a writer renames a

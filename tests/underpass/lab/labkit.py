@@ -23,7 +23,8 @@ from typing import Any
 
 import pytest
 
-from underpass.lab.cluster import host_ifname
+from underpass.lab.cluster import host_ifname, leftovers
+from underpass.lab.procs import processes_mentioning
 from underpass.lab.registry import LabRegistry
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -53,21 +54,6 @@ def netns_names() -> set[str]:
 def root_links() -> set[str]:
     out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True)
     return {line.split(":")[1].strip().split("@")[0] for line in out.stdout.splitlines()}
-
-
-def processes_matching(needle: str) -> list[int]:
-    """Processes whose command line mentions ``needle`` (never this one)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
-        except OSError:
-            continue
-        if needle.encode() in cmdline:
-            found.append(int(entry))
-    return found
 
 
 @dataclass
@@ -138,17 +124,10 @@ class LabHandle:
 
     def leftovers(self) -> list[str]:
         """Everything of this lab still on the machine (empty after a clean down)."""
-        left = [f"netns {n}" for n in sorted(netns_names()) if n.startswith(f"{self.prefix}-")]
-        if host_ifname(self.prefix) in root_links():
-            left.append(f"root link {host_ifname(self.prefix)}")
-        left += [f"process {pid}" for pid in processes_matching(f"lab={self.prefix}")]
-        left += [f"process {pid}" for pid in processes_matching(str(self.state_dir))]
-        if self.state_dir.exists():
-            left.append(f"state dir {self.state_dir}")
-        return left
+        return leftovers(self.prefix, self.state_dir)
 
     def force_cleanup(self) -> None:
-        for pid in processes_matching(f"lab={self.prefix}") + processes_matching(
+        for pid in processes_mentioning(f"lab={self.prefix}") + processes_mentioning(
             str(self.state_dir)
         ):
             with contextlib.suppress(ProcessLookupError):

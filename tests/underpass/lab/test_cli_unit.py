@@ -143,3 +143,71 @@ def test_app_subcommand_shares_the_sample_app_parser() -> None:
     lab_cli.register(sub)
     args = parser.parse_args(["lab", "app", "tcp", "10.0.0.1", "--sink", "64M"])
     assert (args.host, args.port, args.sink) == ("10.0.0.1", 9000, 64 * 1024 * 1024)
+
+
+def test_mesh_is_on_unless_asked_off() -> None:
+    parser = cli_main.build_parser()
+    assert parser.parse_args(["lab", "up"]).mesh is None  # new lab: on; existing: unchanged
+    assert parser.parse_args(["lab", "up", "--no-mesh"]).mesh is False
+    assert parser.parse_args(["lab", "up", "--mesh"]).mesh is True
+
+
+def test_leaf_error_unwraps_nurseries_and_prefers_ctrl_c() -> None:
+    inner = LabError("agent failed")
+    assert lab_cli.leaf_error(inner) is inner
+    nested = BaseExceptionGroup("outer", [ExceptionGroup("inner", [inner])])
+    assert lab_cli.leaf_error(nested) is inner
+    ki = KeyboardInterrupt()
+    assert lab_cli.leaf_error(BaseExceptionGroup("g", [inner, ki])) is ki
+
+
+def _status(mesh: bool, agent: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "lab": {
+            "prefix": "t",
+            "state_dir": "/s",
+            "underlay_cidr": "172.30.0.0/24",
+            "fabric_ip": "172.30.0.1",
+            "host_ip": None,
+            "mesh": mesh,
+        },
+        "nodes": [
+            {
+                "name": "node-1",
+                "underlay_ip": "172.30.0.11",
+                "pod_cidr": "10.244.1.0/24",
+                "pods": 0,
+                "agent": agent,
+                "netns": "/run/netns/t-node-1",
+                "netns_present": True,
+            }
+        ],
+        "namespaces": [],
+        "pods": [],
+        "services": [],
+    }
+
+
+def test_status_shows_each_node_agent_and_where_its_log_is() -> None:
+    running = lab_cli.render_status(_status(True, {"running": True, "pid": 42}))
+    assert "mesh on (node agent logs: /s/logs/agent.NODE.log)" in running
+    assert "AGENT" in running and "running (pid 42)" in running
+    dead = lab_cli.render_status(_status(True, {"running": False, "pid": None}))
+    assert "NOT RUNNING" in dead
+    off = lab_cli.render_status(_status(False, None))
+    assert "mesh off" in off and "running" not in off
+
+
+def test_agent_command_line_uses_the_node_paths(tmp_path: Path) -> None:
+    from underpass.lab.agents import agent_argv
+    from underpass.lab.registry import LabPaths
+
+    paths = LabPaths(tmp_path)
+    argv = agent_argv(paths, "node-2")
+    assert argv[argv.index("--node") + 1] == "node-2"
+    assert argv[argv.index("--cni-socket") + 1] == str(paths.agent_socket("node-2"))
+    assert argv[argv.index("--zds-socket") + 1] == str(paths.zds_socket("node-2"))
+    assert argv[argv.index("--lab-registry") + 1] == str(tmp_path)
+    assert "--probe-snat" in argv and argv[argv.index("--ready-fd") + 1] == "3"
+    args = cli_main.build_parser().parse_args(argv[argv.index("cni-agent") :])
+    assert (args.ready_fd, args.probe_snat) == (3, True)

@@ -246,3 +246,8 @@ def test_find_underpass_cni_prefers_the_venv(
     exe.chmod(0o644)
     monkeypatch.setenv("PATH", os.defpath)
     assert cni_runner.find_underpass_cni() != exe  # not executable: not used
+
+
+def test_status_env_names_no_container() -> None:
+    env = cni_runner.cni_env("STATUS", None, "", "/usr/lib/cni", base={})
+    assert env == {"CNI_COMMAND": "STATUS", "CNI_PATH": "/usr/lib/cni"}

@@ -17,17 +17,16 @@ from typing import Any
 import pytest
 import trio
 
-from tests.underpass.lab.labkit import (
-    ROOT,
-    LabHandle,
-    netns_names,
-    processes_matching,
-    root_links,
-)
-from underpass.lab import netns
+from tests.underpass.lab.labkit import ROOT, LabHandle, netns_names, root_links
+from underpass.lab import netns, procs
 from underpass.lab.cluster import host_ifname
+from underpass.lab.procs import processes_mentioning
 
 pytestmark = pytest.mark.netns
+
+
+def root_ruleset() -> str:
+    return subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True).stdout
 
 
 def node_routes(handle: LabHandle, node: str) -> str:
@@ -69,7 +68,7 @@ def test_up_gives_pods_with_ips_in_their_node_cidrs(lab: LabHandle) -> None:
     assert "cni0" in node_links(lab, "node-1")
     # the conflist is where net.d would be, IPAM state is inside the state dir
     conflist = json.loads(lab.registry.paths.conflist("node-1").read_text())
-    assert [p["type"] for p in conflist["plugins"]] == ["bridge"]
+    assert [p["type"] for p in conflist["plugins"]] == ["bridge", "underpass-cni"]
     ipam_dir = lab.registry.paths.ipam_dir("node-1")
     assert conflist["plugins"][0]["ipam"]["dataDir"] == str(ipam_dir)
     leases = {p.name for p in (ipam_dir / "underpass-lab").iterdir()}
@@ -186,7 +185,7 @@ def test_add_and_delete_pod(lab: LabHandle) -> None:
     assert not lease.exists(), "host-local must release the IP on CNI DEL"
     assert lab.registry.pod("default", "extra") is None
     assert not os.path.exists(pod.netns)
-    assert not processes_matching("default/extra")
+    assert not processes_mentioning("default/extra")
     cache = lab.registry.paths.cni_cache_dir("node-2") / "results"
     assert not [f for f in cache.iterdir() if pod.container_id in f.name]
     missing = lab.run("delete-pod", "default/extra", check=False)
@@ -195,7 +194,7 @@ def test_add_and_delete_pod(lab: LabHandle) -> None:
 
 async def test_namespace_labels_reach_watchers_as_events(lab: LabHandle) -> None:
     registry = lab.registry
-    key = "istio.io/dataplane-mode"
+    key = "test.underpass.dev/watched"  # a label the node agents do not act on
     send, recv = trio.open_memory_channel[Any](50)
 
     async def watch() -> None:
@@ -286,18 +285,25 @@ def test_exec_errors_are_clear(lab: LabHandle) -> None:
 
 def test_down_leaves_nothing_behind(make_lab: Any) -> None:
     handle: LabHandle = make_lab()
-    before_netns, before_links = netns_names(), root_links()
+    before_netns, before_links, before_nft = netns_names(), root_links(), root_ruleset()
     report = handle.up("--nodes", "2", "--pods-per-node", "1", "--namespaces", "a,b")
     assert len(report["pods"]) == 2
+    handle.run("label", "namespace", "a", "istio.io/dataplane-mode=ambient")
     mine = {n for n in netns_names() if n.startswith(f"{handle.prefix}-")}
     assert len(mine) == 1 + 2 + 2  # fabric, nodes, pods
+    agents = [n["agent"] for n in handle.json("status")["nodes"]]
+    assert all(a["running"] and a["socket_present"] for a in agents), agents
+    sockets = [Path(a["socket"]) for a in agents]
+    sockets += [handle.registry.paths.zds_socket(n) for n in ("node-1", "node-2")]
+    assert all(s.is_socket() for s in sockets)
+    assert root_ruleset() == before_nft  # the agents touch only node and pod netns
     inodes = {i for i in (netns.inode(netns.path_of(n)) for n in mine) if i is not None}
     # a process the lab did not start itself, living in a node netns (like a node agent)
     stray = subprocess.Popen(
         ["nsenter", f"--net={netns.path_of(f'{handle.prefix}-node-1')}", "sleep", "600"]
     )
     try:
-        assert netns.pids_in(inodes)
+        assert procs.pids_in(inodes)
         down = handle.down()
         assert stray.wait(timeout=10) != 0  # killed by down
     finally:
@@ -305,12 +311,14 @@ def test_down_leaves_nothing_behind(make_lab: Any) -> None:
             stray.kill()
             stray.wait()
     assert sorted(down["netns"]) == sorted(mine)
-    assert down["processes"] >= 3  # two apps and the stray
+    assert down["processes"] >= 5  # two apps, two node agents and the stray
+    assert [a["pid"] for a in agents if procs.starttime(a["pid"]) is not None] == []  # or zombies
+    assert [s for s in sockets if s.exists()] == []
     assert handle.leftovers() == []
     assert {n for n in netns_names() if n.startswith(f"{handle.prefix}-")} == set()
     assert netns_names() - before_netns == set()
     assert root_links() - before_links == set()
-    assert netns.pids_in(inodes) == []
+    assert procs.pids_in(inodes) == []
     assert not handle.state_dir.exists()
     # down again is a no-op
     again = handle.down()
@@ -321,6 +329,7 @@ def test_host_link_is_explicit_and_removed_by_down(make_lab: Any) -> None:
     handle: LabHandle = make_lab()
     third = secrets.randbelow(200) + 20
     handle.up(
+        "--no-mesh",
         "--nodes",
         "2",
         "--pods-per-node",
@@ -335,6 +344,11 @@ def test_host_link_is_explicit_and_removed_by_down(make_lab: Any) -> None:
     )
     ifname = host_ifname(handle.prefix)
     assert ifname in root_links()
+    # without the mesh: plain pod networking, no node agents
+    conflist = json.loads(handle.registry.paths.conflist("node-1").read_text())
+    assert [p["type"] for p in conflist["plugins"]] == ["bridge"]
+    assert [n["agent"] for n in handle.json("status")["nodes"]] == [None, None]
+    assert processes_mentioning(f"cni-agent --node node-1 --lab-registry {handle.state_dir}") == []
     pod_ip = handle.pod_ip("default", "echo-2-1")
     from underpass.lab.sampleapp import http_request
 
@@ -357,6 +371,8 @@ def test_up_refuses_a_clashing_prefix_or_changed_settings(make_lab: Any, tmp_pat
     assert not twin.state_dir.exists()
     proc = first.run("up", "--prefix", "other", check=False)
     assert proc.returncode == 1 and "lab down" in proc.stderr
+    proc = first.run("up", "--no-mesh", check=False)
+    assert proc.returncode == 1 and "mesh=True, not False" in proc.stderr
 
 
 FAKE_CHAINED = """#!{python}
@@ -371,7 +387,8 @@ if os.environ["CNI_COMMAND"] == "ADD":
 
 
 def test_chain_with_a_chained_plugin_gets_bridge_result(make_lab: Any, tmp_path: Path) -> None:
-    """With --underpass-cni the chained plugin runs last, with bridge's result."""
+    """With the mesh the chained plugin runs last, with bridge's result; before any
+    pod, the lab asks it for a CNI 1.1 STATUS (the node agent's readiness)."""
     plugin_dir = tmp_path / "plugin"
     plugin_dir.mkdir()
     plugin = plugin_dir / "underpass-cni"
@@ -380,10 +397,12 @@ def test_chain_with_a_chained_plugin_gets_bridge_result(make_lab: Any, tmp_path:
     plugin.chmod(plugin.stat().st_mode | stat.S_IXUSR)
     handle: LabHandle = make_lab()
     handle.extra_env["UNDERPASS_CNI_PLUGIN"] = str(plugin)
-    handle.up("--nodes", "1", "--pods-per-node", "1", "--underpass-cni", "--no-apps")
+    handle.up("--nodes", "1", "--pods-per-node", "1", "--no-apps")
     pod = handle.registry.pod("default", "echo-1-1")
     assert pod is not None and pod.phase == "Running"
-    (add,) = [json.loads(line) for line in log.read_text().splitlines()]
+    status, add = [json.loads(line) for line in log.read_text().splitlines()]
+    assert status["env"]["CNI_COMMAND"] == "STATUS" and "CNI_CONTAINERID" not in status["env"]
+    assert status["conf"]["cniVersion"] == "1.1.0" and "prevResult" not in status["conf"]
     env, conf = add["env"], add["conf"]
     assert env["CNI_COMMAND"] == "ADD" and env["CNI_IFNAME"] == "eth0"
     assert env["CNI_PATH"] == f"/usr/lib/cni:{plugin_dir}"
@@ -397,19 +416,9 @@ def test_chain_with_a_chained_plugin_gets_bridge_result(make_lab: Any, tmp_path:
     assert prev["ips"][0]["address"] == f"{pod.ip}/24"
     assert any(i.get("sandbox") == pod.netns for i in prev["interfaces"])
     handle.down()
-    dels = [json.loads(line) for line in log.read_text().splitlines()][1:]
+    dels = [json.loads(line) for line in log.read_text().splitlines()][2:]
     assert [d["env"]["CNI_COMMAND"] for d in dels] == ["DEL"]
     assert dels[0]["conf"]["prevResult"] == prev  # DEL gets the cached ADD result
-
-
-def test_real_underpass_cni_passes_pods_outside_the_mesh(make_lab: Any) -> None:
-    """The real chained plugin, no node agent: pods not in the mesh still start."""
-    handle: LabHandle = make_lab()
-    handle.up("--nodes", "1", "--pods-per-node", "1", "--underpass-cni", "--no-apps")
-    pod = handle.registry.pod("default", "echo-1-1")
-    assert pod is not None and pod.phase == "Running" and pod.ip is not None
-    conflist = json.loads(handle.registry.paths.conflist("node-1").read_text())
-    assert [p["type"] for p in conflist["plugins"]] == ["bridge", "underpass-cni"]
 
 
 def test_corrupt_state_is_a_clear_error_and_down_still_cleans_up(make_lab: Any) -> None:

@@ -324,7 +324,7 @@ async def test_watch_ends_loudly_when_the_lab_goes_away(reg: LabRegistry) -> Non
         shutil.rmtree(reg.state_dir)
         with pytest.raises(LabStateError):
             await agen.__anext__()
-        await agen.aclose()  # type: ignore[attr-defined]
+        await agen.aclose()
 
 
 def test_update_pod_rejects_rename(reg: LabRegistry) -> None:
@@ -345,3 +345,30 @@ def test_files_are_written_by_rename(reg: LabRegistry, monkeypatch: pytest.Monke
     reg.upsert_pod(make_pod())
     assert [d for _, d in replaced] == ["default.a.json", "generation"]
     assert all(s.startswith(".") and s.endswith(".tmp") for s, _ in replaced)
+
+
+def test_a_lab_made_before_node_agents_reads_its_chain_setting(reg: LabRegistry) -> None:
+    from underpass.lab.registry import LabConfig, encode_config
+
+    config = LabConfig("t", "172.30.0.0/24", "10.244.0.0/16", "10.96.0.0/16", "/f", "172.30.0.1")
+    assert config.mesh is True
+    doc = encode_config(config)
+    del doc["mesh"]
+    for old, mesh in ((True, True), (False, False)):
+        reg.paths.lab_file.write_text(json.dumps({**doc, "underpass_cni": old}))
+        loaded = reg.config()
+        assert loaded is not None and loaded.mesh is mesh
+
+
+async def test_until_waits_for_the_change_it_is_told_about(reg: LabRegistry) -> None:
+    reg.upsert_namespace(Namespace("ns"))
+
+    async def label_later() -> None:
+        await trio.to_thread.run_sync(reg.set_namespace_labels, "ns", {"a": "1"})
+        await trio.to_thread.run_sync(reg.set_namespace_labels, "ns", {"b": "2"})
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(label_later)
+            snap = await reg.until(lambda s: "b" in s.namespaces["ns"].labels)
+    assert dict(snap.namespaces["ns"].labels) == {"a": "1", "b": "2"}
