@@ -59,6 +59,8 @@ proto: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.ca_issuance
+	$(BIN)/python -m bench.hbone_relay
+	$(BIN)/python -m bench.discovery_push
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info
