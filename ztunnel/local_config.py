@@ -51,11 +51,12 @@ The file is applied as a full replacement of the state. :class:`LocalConfigSourc
 reloads it when it changes and keeps the last good state (logging the error)
 when the new content is wrong or the file is gone.
 
-Change detection polls ``stat`` (inode, size, mtime; following symlinks, so
-a Kubernetes ConfigMap's symlink swap is seen) every ``poll_interval``
-seconds. The inotify binding in this repository lives in the lab package
-(``underpass.lab.inotify``), which ztunnel must not import; should it move to
-the core, :meth:`LocalConfigSource._wait_for_change` is the one place to use it.
+Change detection is event-driven: an inotify watch on the file's directory
+(writes, renames, creations and deletions there, so a Kubernetes ConfigMap's
+symlink swap is seen too) wakes a check of the file's ``stat`` signature
+(inode, size, mtime, following symlinks). A check also runs every
+``poll_interval`` seconds as a safety net (and is the only trigger when the
+directory cannot be watched, e.g. it does not exist yet).
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ import structlog
 import trio
 import yaml
 
+from underpass import inotify
 from underpass.xds.types import workload_uid
 from ztunnel.errors import InvalidResource, LocalConfigError, join_path
 from ztunnel.state.model import (
@@ -812,16 +814,54 @@ class LocalConfigSource:
         assert self.last_result is not None
         return self.last_result
 
-    async def _wait_for_change(self) -> None:
-        await trio.sleep(self.poll_interval)
-
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Load (raising :class:`LocalConfigError` if that fails), then watch forever."""
         self.load()
-        task_status.started()
-        while True:
-            await self._wait_for_change()
-            await self.check()
+        with _DirectoryWatch(self.path.parent) as watch:  # before started: nothing slips by
+            task_status.started()
+            while True:
+                await watch.wait(self.poll_interval)
+                await self.check()
+
+
+class _DirectoryWatch:
+    """Wakes on changes in one directory (inotify), or after a timeout at the latest."""
+
+    _MASK = (
+        inotify.IN_CLOSE_WRITE
+        | inotify.IN_MOVED_TO
+        | inotify.IN_MOVED_FROM
+        | inotify.IN_CREATE
+        | inotify.IN_DELETE
+        | inotify.IN_ONLYDIR
+    )
+
+    def __init__(self, directory: Path) -> None:
+        self._ino: inotify.Inotify | None = inotify.Inotify()
+        try:
+            self._ino.add_watch(directory, self._MASK)
+        except OSError as exc:
+            self._ino.close()
+            self._ino = None
+            log.warning(
+                "cannot watch the local config's directory; checking it on a timer only",
+                directory=str(directory),
+                error=str(exc),
+            )
+
+    async def wait(self, timeout: float) -> None:
+        with trio.move_on_after(timeout):
+            if self._ino is None:
+                await trio.sleep_forever()
+            else:
+                await self._ino.read_events()
+
+    def __enter__(self) -> _DirectoryWatch:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._ino is not None:
+            self._ino.close()
 
 
 __all__ = [

@@ -73,7 +73,7 @@ from discovery.registries.nodeindex import ModelNodeIndex
 from discovery.registries.objects import parse_object
 from discovery.registries.retry import Backoff
 from discovery.registry import ModelSink
-from underpass.lab import inotify
+from underpass import inotify
 from underpass.lab.registry import LabRegistry, LabStateError, Snapshot
 
 _log = structlog.get_logger("discovery.registries.lab")

@@ -375,7 +375,7 @@ async def test_reload_keeps_the_last_good_state(
         assert store.snapshot is snap
 
         replace_file(path, GOOD2)  # back, same content as the state: nothing to apply
-        # Two whole polls after the write: the second one surely started after it.
+        # Two whole checks after the write: the second one surely started after it.
         await source.wait_checked(source.checks + 1)
         assert source.attempts == 3 and store.snapshot is snap
         assert source.last_error is None
@@ -404,3 +404,19 @@ async def test_a_bad_file_at_start_is_fatal(tmp_path: Path) -> None:
     with pytest.raises(LocalConfigError, match=r"workloads\[0\]\.addresses\[0\]"):
         await source.run()  # raises before it would report started
     assert not store.ready
+
+
+async def test_a_change_is_seen_by_inotify_not_the_timer(tmp_path: Path) -> None:
+    # Real clock and an hour-long safety timer: only the inotify watch can wake the reload.
+    path = tmp_path / "local.yaml"
+    path.write_text(GOOD)
+    store = StateStore()
+    source = LocalConfigSource(path, store.claim_writer("local config"), poll_interval=3600.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(source.run)
+        replace_file(path, GOOD2)
+        with trio.fail_after(10):
+            result = await source.wait_attempt(0)
+        assert result.applied
+        assert set(store.snapshot.workloads) == {"Kubernetes//Pod/b/z"}
+        nursery.cancel_scope.cancel()

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from underpass.lab import inotify
+from underpass import inotify
 from underpass.lab.errors import InvalidObject, LabError, LabStateError, ObjectNotFound
 
 __all__ = [

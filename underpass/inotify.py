@@ -1,4 +1,8 @@
-"""A minimal inotify binding (ctypes) for trio: the registry's change notification.
+"""A minimal inotify binding (ctypes) for trio: change notification for files.
+
+Used by the lab registry's watch, discovery's lab adapter and ztunnel's
+local-config reload; it lives in the core so that components need not import
+the lab.
 
 Owns only the system-call plumbing: ``inotify_init1`` / ``inotify_add_watch``,
 decoding the event records, and waiting for the descriptor with
