@@ -78,7 +78,7 @@ SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.so_reuseport", 0),
     # Clients keep their stream alive with pings (every 30 s or more).
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_pings_without_data", 0),
     # initial_resource_versions of a large cluster.
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),

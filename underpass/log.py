@@ -60,5 +60,26 @@ def configure(level: str = "info", fmt: str | None = None) -> None:
 
 
 def set_level(level: str) -> None:
-    """Change the level at run time (admin ``/logging``)."""
-    configure(level)
+    """Change the level at run time (admin ``/logging``), keeping the format and output.
+
+    Loggers obtained earlier follow at once (structlog loggers are not cached).
+    Raises ValueError for a level outside :data:`LEVELS`.
+    """
+    name = level.lower()
+    if name not in LEVELS:
+        raise ValueError(f"unknown log level {level!r}; use one of {', '.join(LEVELS)}")
+    numeric = logging.getLevelName(name.upper())
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(numeric))
+    logging.getLogger().setLevel(numeric)
+
+
+def current_level() -> str:
+    """The level structlog filters at now, as a name of :data:`LEVELS`."""
+    try:
+        numeric = int(structlog.get_logger().get_effective_level())
+    except AttributeError:  # a wrapper class without levels: fall back to stdlib's
+        numeric = logging.getLogger().getEffectiveLevel()
+    if numeric <= logging.DEBUG:
+        return "debug"
+    name = str(logging.getLevelName(numeric)).lower()
+    return name if name in LEVELS else str(numeric)

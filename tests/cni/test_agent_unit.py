@@ -270,14 +270,21 @@ def test_rendered_table() -> None:
         "ip saddr 169.254.7.127 accept",
         "ip daddr 127.0.0.1 accept",
         "tcp dport 15008 accept",
-        "meta l4proto tcp ct mark set 0x111 redirect to :15006",
+        "meta l4proto tcp redirect to :15006",
     ):
         assert rule in inbound
     assert inbound.index("meta mark 0x539") < inbound.index("redirect")
+    # 15006-redirected connections must not get the transparent-socket connmark
+    assert "ct mark set" not in inbound
     assert "type nat hook output" in outbound
     for rule in ('oifname "lo" accept', "ct mark 0x111 accept", "ip daddr 169.254.7.127 accept"):
         assert outbound.index(rule) < outbound.index("redirect to :15001")
-    assert "ct mark 0x111 meta mark set ct mark" in text
+    marking = text.split("chain mark_transparent {")[1].split("}")[0]
+    assert "type filter hook prerouting priority mangle" in marking
+    assert "meta mark 0x539 ct mark set 0x111" in marking
+    restore = text.split("chain restore_mark {")[1].split("}")[0]
+    assert "type route hook output priority mangle" in restore  # route: re-routed on change
+    assert "ct mark 0x111 meta mark set ct mark" in restore
 
 
 def test_apply_replaces_and_remove_is_idempotent() -> None:

@@ -141,7 +141,8 @@ def assert_nothing_left(out: str) -> None:
 @pytest.mark.netns
 def test_demo_end_to_end() -> None:
     """``underpass demo`` as ``make demo`` runs it: a two-node lab, live enrolment and
-    release, capture with no tunnel yet, the CA fed from the lab; then nothing left."""
+    release, traffic through ztunnel with mTLS and a deny policy, the CA fed from the lab;
+    then nothing left."""
     require_root()
     proc = start_demo()
     try:
@@ -151,8 +152,8 @@ def test_demo_end_to_end() -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{err}"
-    for step in range(1, 10):
-        assert f"==> [{step}/9]" in out
+    for step in range(1, 11):
+        assert f"==> [{step}/10]" in out
     assert re.search(r"NODE .* AGENT .*\n.*node-1 .* running \(pid \d+\)", out)
     # (b) the server saw the client's pod IP, across nodes and on one node
     client_ip = found(r"demo/echo-1-1 \((10\.244\.1\.\d+)\) -> demo/echo-2-1", out)
@@ -164,9 +165,19 @@ def test_demo_end_to_end() -> None:
     assert "    | table inet underpass {" in out and "redirect to :15001" in out
     assert re.search(r"demo +echo-2-2 +node-2 .* Running +yes", out)
     assert re.search(r"outside +legacy +node-2 .* Running +no", out)
-    assert "demo/echo-1-1 -> demo/echo-2-1:8080: connection refused" in out
-    assert "SO_ORIGINAL_DST says it was for 10.244.2." in out
-    assert "the server saw 169.254.7.127" in out
+    assert ", across nodes, through both ztunnels: HTTP 200," in out
+    assert (
+        "spiffe://cluster.local/ns/demo/sa/echo -> spiffe://cluster.local/ns/demo/sa/echo, HBONE"
+        in out
+    )
+    assert re.search(r"demo +echo-2-1 +10\.244\.2\.\d+ +node-2 +- +HBONE", out)
+    assert re.search(r"spiffe://cluster.local/ns/demo/sa/echo +Leaf +SCHEDULED +yes", out)
+    assert 'reporter="destination",source_principal="spiffe://cluster.local/ns/demo/sa/echo"' in out
+    assert "took it on 15006 (no identity) and allowed it" in out
+    assert "demo/echo-1-1 -> demo/echo-2-1: refused (the connection is reset)" in out
+    assert "denied by demo/deny-echo-1-1" in out
+    assert ", allowed again: HTTP 200," in out
+    assert "169.254.7.127: the agent SNATs the node's own traffic" in out
     # (d) released: rules gone, traffic again
     assert "the node agents released the 4 pods in" in out
     assert "nft list ruleset inside demo/echo-1-1: (empty)" in out

@@ -10,14 +10,19 @@ Steps, each announced with a numbered progress line:
 3. namespace ``demo`` labelled ``istio.io/dataplane-mode=ambient``: the node
    agents enrol its running pods live, no restart (the status table, the nft
    table inside a pod's netns, the annotation);
-4. what capture does before ztunnel exists: captured connections go to
-   ztunnel's ports, where nothing listens yet, and are refused (shown with
-   stand-in listeners and ``SO_ORIGINAL_DST``); kubelet probes still get through;
-5. the label removed: rules gone, traffic flows again;
-6. the CA started as a process, its callers taken from the lab registry;
-7. a pod's certificate with its own token, then by its node agent's impersonation;
-8. impersonation of a pod on another node refused; the CA's audit lines;
-9. ``lab down``, and a check that nothing is left.
+4. traffic through ztunnel: HBONE with mTLS between the pods' own identities,
+   the server still seeing the client's IP; the access logs of both
+   ztunnels, ``underpass zc workloads`` and ``certificates``, the metrics with
+   both principals; a plaintext client outside the mesh still allowed
+   (PERMISSIVE);
+5. a DENY AuthorizationPolicy (written to the lab's policy directory, pushed
+   by the control plane) refuses one client's connections at L4; removed,
+   traffic flows again;
+6. the label removed: rules gone, traffic flows again;
+7. the CA started as a process, its callers taken from the lab registry;
+8. a pod's certificate with its own token, then by its node agent's impersonation;
+9. impersonation of a pod on another node refused; the CA's audit lines;
+10. ``lab down``, and a check that nothing is left.
 
 Every claim the demo prints is checked first; a failed check ends the demo
 with exit status 1. Clean-up (CA stopped, ``lab down``, work directory
@@ -55,7 +60,7 @@ from underpass.cli.demo_ca import (
     write_token_file,
 )
 
-TOTAL = 9
+TOTAL = 10
 MODE_LABEL = "istio.io/dataplane-mode"
 DEMO_NS = "demo"
 OUTSIDE_NS = "outside"
@@ -67,6 +72,22 @@ CLIENT = f"{DEMO_NS}/echo-1-1"  # node-1
 SERVER = f"{DEMO_NS}/echo-2-1"  # node-2
 OUTSIDER = f"{OUTSIDE_NS}/{OUTSIDE_POD}"  # node-2
 CNI_PLUGINS = ("loopback", "bridge", "host-local")
+POLICY_TEMPLATE = """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-echo-1-1
+  namespace: {namespace}
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source:
+        ipBlocks: ["{client_ip}/32"]
+    to:
+    - operation:
+        ports: ["8080"]
+"""
 
 
 def _step(number: int, text: str) -> None:
@@ -303,71 +324,168 @@ class Demo:
             raise DemoFailed(f"{OUTSIDE_NS}/{OUTSIDE_POD} was captured")
         _info(f"{OUTSIDE_NS}/{OUTSIDE_POD} (namespace not labelled): not enrolled, no rules")
 
-    def no_tunnel_yet(self) -> None:
-        from underpass.lab.sockets import (
-            ZTUNNEL_MARK,
-            accept_one,
-            closing_all,
-            connect_from,
-            listener_in,
-            original_dst,
+    def admin(self, node: Any, path: str) -> str:
+        """GET ``path`` from the node's ztunnel admin endpoint (its own 127.0.0.1:15000)."""
+        proc = self.in_netns(
+            node.netns, ["curl", "-sS", "-m", "5", f"http://127.0.0.1:15000{path}"]
         )
+        if proc.returncode != 0:
+            raise DemoFailed(f"ztunnel admin on {node.name} did not answer: {proc.stderr}")
+        return proc.stdout
 
-        _step(4, "Captured, with no tunnel yet")
-        _info("ztunnel is not written yet: nothing listens on its ports inside the pods (15001")
-        _info("outbound, 15006 inbound), so captured connections have nowhere to go: refused.")
-        client, server = self.pod(DEMO_NS, "echo-1-1"), self.pod(DEMO_NS, "echo-2-1")
-        outsider = self.pod(OUTSIDE_NS, OUTSIDE_POD)
+    def zc(self, node: Any, view: str) -> str:
+        proc = self.in_netns(node.netns, [sys.executable, "-m", "underpass.cli.main", "zc", view])
+        if proc.returncode != 0:
+            raise DemoFailed(f"underpass zc {view} failed on {node.name}: {proc.stderr}")
+        return proc.stdout
 
-        def refused(src: Any, dst: Any) -> None:
-            try:
-                sock = connect_from(src.netns, (dst.ip, APP_PORT))
-            except ConnectionRefusedError:
-                return
-            sock.close()
-            raise DemoFailed(f"{src.name} -> {dst.name}:{APP_PORT} was not refused")
+    def until_state(self, node: Any, what: str, check: Any) -> float:
+        """Wait (bounded) until the node's ztunnel state satisfies ``check``; seconds taken."""
+        started = time.perf_counter()
+        while True:
+            dump = json.loads(self.admin(node, "/config_dump"))
+            if check(dump):
+                return time.perf_counter() - started
+            if time.perf_counter() - started > ENROL_TIMEOUT:
+                raise DemoFailed(f"{node.name}'s ztunnel never had {what}")
+            time.sleep(0.1)
 
-        def stand_in(where: Any, port: int, src: Any, dst: Any) -> tuple[str, tuple[str, int]]:
-            """A listener on ztunnel's ``port`` in ``where`` (with ztunnel's mark): the
-            (peer, original destination) of the src -> dst connection it receives."""
-            listener = listener_in(where.netns, port, mark=ZTUNNEL_MARK)
-            with closing_all(listener):
-                out = connect_from(src.netns, (dst.ip, APP_PORT))
-                with closing_all(out):
-                    conn = accept_one(listener)
-                    if conn is None:
-                        raise DemoFailed(f"{src.name} -> {dst.name} did not reach port {port}")
-                    with closing_all(conn):
-                        return conn.getpeername()[0], original_dst(conn)
+    def access_log(self, node: Any, src_ip: str) -> dict[str, Any]:
+        """The newest access-log line of the node's ztunnel for a client IP."""
+        path = self.lab.paths.logs_dir / f"ztunnel.{node.name}.log"
+        found: dict[str, Any] | None = None
+        for line in path.read_text().splitlines():
+            if '"connection complete"' in line:
+                entry: dict[str, Any] = json.loads(line)
+                if entry["src_addr"].startswith(f"{src_ip}:"):
+                    found = entry
+        if found is None:
+            raise DemoFailed(f"no access-log line from {src_ip} in {path}")
+        return found
 
-        refused(client, server)
-        _info(f"{DEMO_NS}/{client.name} -> {DEMO_NS}/{server.name}:{APP_PORT}: connection refused")
-        _, dst = stand_in(client, 15001, client, server)
-        if dst != (server.ip, APP_PORT):
-            raise DemoFailed(f"the stand-in on 15001 got a connection for {dst}")
-        _info(f"  a stand-in for ztunnel's outbound listener (port 15001, in {client.name}) gets")
-        _info(f"  it instead; SO_ORIGINAL_DST says it was for {dst[0]}:{dst[1]}")
-        refused(outsider, client)
-        _info(f"{OUTSIDE_NS}/{OUTSIDE_POD} -> {DEMO_NS}/{client.name}:{APP_PORT}: refused too")
-        peer, dst = stand_in(client, 15006, outsider, client)
-        if (peer, dst) != (outsider.ip, (client.ip, APP_PORT)):
-            raise DemoFailed(f"the stand-in on 15006 got a connection from {peer} for {dst}")
-        _info(f"  {OUTSIDE_POD}'s own traffic is not captured, but {client.name} captures it on")
-        _info(f"  arrival: a stand-in on port 15006 in {client.name} gets it from {peer},")
-        _info(f"  for {dst[0]}:{dst[1]}")
-        node = self.node(client.node)
-        doc = self.http(node, client)
+    def through_ztunnel(self) -> None:
+        _step(4, "Pods talk through ztunnel: HBONE with mTLS, each pod with its own identity")
+        client, server = self.pod(*CLIENT.split("/")), self.pod(*SERVER.split("/"))
+        node1, node2 = self.node(client.node), self.node(server.node)
+        for each in (node1, node2):
+            self.until_state(
+                each,
+                "the enrolled pods",
+                lambda d: (
+                    len(d["pods"]) == 2
+                    and all(
+                        w["tunnel_protocol"] == "HBONE"
+                        for w in d["workloads"]
+                        if w["namespace"] == DEMO_NS
+                    )
+                ),
+            )
+        self.traffic([(CLIENT, SERVER, ", across nodes, through both ztunnels")])
+        out = self.access_log(node1, client.ip)
+        inn = self.access_log(node2, client.ip)
+        if out["protocol"] != "HBONE" or inn["protocol"] != "HBONE":
+            raise DemoFailed(f"the connection did not go over HBONE: {out} / {inn}")
+        _info(f"access log of ztunnel on {node1.name} (outbound):")
+        _info(f"  {out['src_identity']} -> {out['dst_identity']}, {out['protocol']},")
+        _info(f"  {out['bytes_recv']} bytes sent by the client, {out['bytes_sent']} back")
+        _info(f"access log of ztunnel on {node2.name} (inbound, mTLS peer verified):")
+        _info(f"  {inn['src_identity']} -> {inn['dst_addr']} ({inn['dst_workload']})")
+        print()
+        _info(f"$ underpass zc workloads   (ztunnel on {node1.name})")
+        _block(self.zc(node1, "workloads"))
+        _info(f"$ underpass zc certificates   (ztunnel on {node1.name}: one per service account)")
+        _block(self.zc(node1, "certificates"))
+        metrics = self.in_netns(
+            node2.netns, ["curl", "-sS", "-m", "5", "http://127.0.0.1:15020/metrics"]
+        ).stdout
+        opened = [
+            line
+            for line in metrics.splitlines()
+            if line.startswith("istio_tcp_connections_opened_total{")
+            and 'connection_security_policy="mutual_tls"' in line
+        ]
+        if not opened:
+            raise DemoFailed(f"no mutual_tls connection in {node2.name}'s metrics")
+        _info(f"metrics of ztunnel on {node2.name} (:15020/metrics), labels abridged:")
+        for line in opened[:2]:
+            labels = dict(
+                item.split("=", 1)
+                for item in line[line.index("{") + 1 : line.index("}")].split(",")
+            )
+            keep = ("reporter", "source_principal", "destination_principal")
+            shown = ",".join(f"{k}={labels[k]}" for k in keep if k in labels)
+            _info(f"  istio_tcp_connections_opened_total{{{shown}}} {line.rsplit(' ', 1)[1]}")
+        self.traffic([(OUTSIDER, CLIENT, ", a plaintext client outside the mesh (PERMISSIVE)")])
+        plain = self.access_log(node1, self.pod(*OUTSIDER.split("/")).ip)
+        if plain["protocol"] != "TCP" or plain["src_identity"] is not None:
+            raise DemoFailed(f"the outsider's connection was not plaintext inbound: {plain}")
+        _info(f"  ztunnel on {node1.name} took it on 15006 (no identity) and allowed it")
+        doc = self.http(node1, client)
         if doc["client_ip"] != PROBE_ADDRESS:
-            raise DemoFailed(f"a probe from {node.name} arrived from {doc['client_ip']}")
-        _info(f"{node.name} -> {DEMO_NS}/{client.name}:{APP_PORT}, as a kubelet probe: HTTP 200;")
-        _info(f"  the server saw {PROBE_ADDRESS}: the agent SNATs the node's own traffic to")
-        _info("  captured pods to that address, which the pod's rules let through")
+            raise DemoFailed(f"a probe from {node1.name} arrived from {doc['client_ip']}")
+        _info(f"{node1.name} -> {CLIENT}:{APP_PORT}, as a kubelet probe: HTTP 200; the server saw")
+        _info(f"  {PROBE_ADDRESS}: the agent SNATs the node's own traffic to captured pods to")
+        _info("  that address, which the pod's rules let through without ztunnel")
+
+    def deny_policy(self) -> None:
+        _step(5, "An AuthorizationPolicy denies, enforced by ztunnel at L4; then removed")
+        server = self.pod(*SERVER.split("/"))
+        node2 = self.node(server.node)
+        policy_dir = self.state_dir / "policies"
+        policy_dir.mkdir(exist_ok=True)
+        path = policy_dir / "deny-echo-1-1.yaml"
+        client = self.pod(*CLIENT.split("/"))
+        text = POLICY_TEMPLATE.format(namespace=DEMO_NS, client_ip=client.ip)
+        path.write_text(text)
+        _info(f"$ cat {path}")
+        print(textwrap.indent(text.rstrip("\n"), "    | ", lambda _line: True), flush=True)
+        seconds = self.until_state(
+            node2,
+            "the policy",
+            lambda d: any(p["name"] == "deny-echo-1-1" for p in d["policies"]),
+        )
+        _info(f"the control plane pushed it to ztunnel on {node2.name} in {seconds:.2f} s")
+        src, dst = client, server
+        proc = self.in_netns(
+            src.netns,
+            [
+                sys.executable,
+                "-m",
+                "underpass.lab.sampleapp",
+                "http",
+                f"http://{dst.ip}:{APP_PORT}/demo",
+                "--timeout",
+                "5",
+            ],
+        )
+        if proc.returncode == 0:
+            raise DemoFailed(f"{CLIENT} -> {SERVER} still worked under the deny policy")
+        _info(f"{CLIENT} -> {SERVER}: refused (the connection is reset)")
+        log_path = self.lab.paths.logs_dir / f"ztunnel.{node2.name}.log"
+        denied = [
+            json.loads(line)
+            for line in log_path.read_text().splitlines()
+            if '"connection denied by policy"' in line
+        ]
+        if not denied:
+            raise DemoFailed(f"no denial in {log_path}")
+        last = denied[-1]
+        _info(f"  ztunnel on {node2.name}: denied by {last['policy']}: {last['reason']}")
+        self.traffic([(f"{DEMO_NS}/echo-1-2", SERVER, ", another pod: still allowed")])
+        path.unlink()
+        self.until_state(
+            node2,
+            "the policy removed",
+            lambda d: not any(p["name"] == "deny-echo-1-1" for p in d["policies"]),
+        )
+        _info(f"$ rm {path}")
+        self.traffic([(CLIENT, SERVER, ", allowed again")])
 
     def release(self) -> None:
         from underpass.cli.lab import render_pods
         from underpass.lab.registry import REDIRECTION_ANNOTATION
 
-        _step(5, "Remove the label: the pods leave the mesh, traffic flows again")
+        _step(6, "Remove the label: the pods leave the mesh, traffic flows again")
         demo_pods = [p for p in self.lab.registry.pods() if p.namespace == DEMO_NS]
         _info(f"$ underpass lab label namespace {DEMO_NS} {MODE_LABEL}-")
         self.lab.label("namespace", DEMO_NS, [f"{MODE_LABEL}-"])
@@ -388,7 +506,7 @@ class Demo:
         self.traffic([(CLIENT, SERVER, ""), (OUTSIDER, CLIENT, "")])
 
     def start_ca(self) -> tuple[str, bytes]:
-        _step(6, "The CA, its callers taken from the lab registry")
+        _step(7, "The CA, its callers taken from the lab registry")
         self.callers = lab_callers(self.lab.registry.snapshot())
         tokens = self.workdir / "lab-tokens.yaml"
         write_token_file(tokens, self.callers)
@@ -421,7 +539,7 @@ class Demo:
         pod = self.caller(DEMO_NS, "echo-1-1")
         agent = self.caller(NODE_AGENT_NAMESPACE, f"ztunnel-{pod.node}")
         identity = SpiffeId(TRUST_DOMAIN, pod.namespace, pod.service_account)
-        _step(7, f"Pod {pod.namespace}/{pod.pod} asks for its identity, then its node agent does")
+        _step(8, f"Pod {pod.namespace}/{pod.pod} asks for its identity, then its node agent does")
         chain = issue(address, root_pem, pod.token, identity)
         _info(f"with the pod's own token: granted {identity.uri}:")
         _block(describe_certificate(chain, color=self.color), "      ")
@@ -439,7 +557,7 @@ class Demo:
         if target.node == agent.node:
             raise DemoFailed("the outside pod must run on another node for this step")
         other = SpiffeId(TRUST_DOMAIN, target.namespace, target.service_account)
-        _step(8, f"ztunnel on {agent.node} asks for {other.uri}")
+        _step(9, f"ztunnel on {agent.node} asks for {other.uri}")
         _info(f"(its only pod, {target.namespace}/{target.pod}, runs on {target.node})")
         try:
             issue(address, root_pem, agent.token, other, impersonate=other)
@@ -467,7 +585,7 @@ class Demo:
 
         from underpass.lab.cluster import leftovers
 
-        _step(9, "Tear down")
+        _step(10, "Tear down")
         _info("$ underpass lab down")
         report = trio.run(self.lab.down, self.prefix)
         self.lab_made = False
@@ -497,7 +615,8 @@ class Demo:
             ]
         )
         self.enrol()
-        self.no_tunnel_yet()
+        self.through_ztunnel()
+        self.deny_policy()
         self.release()
         address, root_pem = self.start_ca()
         self.certificates(address, root_pem)

@@ -23,6 +23,7 @@ Prints one ``ready:`` line once it serves; SIGINT/SIGTERM stop it.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -243,6 +244,9 @@ def _serve(args: argparse.Namespace) -> int:
             f"registry={args.registry}",
             flush=True,
         )
+        if args.ready_fd is not None:
+            os.write(args.ready_fd, b"ready\n")
+            os.close(args.ready_fd)
         stop.wait()
         print("stopping: signal received", flush=True)
     finally:
@@ -352,6 +356,14 @@ def _add_serve(sub: Any) -> None:
         help="longest a push waits during a stream of changes (default: %(default)s)",
     )
     net.add_argument("--grace", type=float, default=5.0, help="stop grace (default: %(default)s)")
+    net.add_argument(
+        "--ready-fd",
+        type=int,
+        default=None,
+        metavar="FD",
+        help="also write the ready line to this inherited descriptor, then close it "
+        "(how `underpass lab up` waits for the control plane)",
+    )
     ca = p.add_argument_group("certificate authority")
     ca.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="CA state directory")
     ca.add_argument("--plugged-certs", type=Path, metavar="DIR", help="plugged-in CA files")

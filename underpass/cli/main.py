@@ -7,9 +7,9 @@ import sys
 from collections.abc import Sequence
 
 from underpass import __version__, log
-from underpass.cli import ca, cni_agent, demo, discovery, lab
+from underpass.cli import ca, cni_agent, demo, discovery, lab, zc, ztunnel
 
-COMMAND_MODULES = (ca, demo, cni_agent, lab, discovery)
+COMMAND_MODULES = (ca, demo, cni_agent, lab, discovery, ztunnel, zc)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -214,6 +214,15 @@ class HbonePool:
                 connection = self._pick(key)
                 if connection is None:
                     connection = await self._wait_for_connection(key)
+                    if connection.closed:
+                        # Dead before carrying a tunnel: with TLS 1.3 the server
+                        # checks our certificate after our handshake is done, so
+                        # a refusal shows up here. A failed dial, not a retry.
+                        failure = connection.failure
+                        raise ConnectFailed(
+                            f"the HBONE connection to {key.address} closed right after it "
+                            f"was opened: {failure if failure is not None else 'by the peer'}"
+                        ) from failure
                     if connection.available_streams <= 0:
                         continue  # other callers took its slots first: dial again
                 try:

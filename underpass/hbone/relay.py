@@ -48,15 +48,22 @@ async def abort_stream(stream: trio.abc.AsyncResource) -> None:
 
 
 async def relay(
-    a: trio.abc.Stream, b: trio.abc.Stream, *, buffer_size: int = RECEIVE_BUFFER_SIZE
+    a: trio.abc.Stream,
+    b: trio.abc.Stream,
+    *,
+    buffer_size: int = RECEIVE_BUFFER_SIZE,
+    result: RelayResult | None = None,
 ) -> RelayResult:
     """Copy ``a`` -> ``b`` and ``b`` -> ``a`` until both ends are done or one fails.
 
     Both streams are closed when this returns (or is cancelled). Peer
     failures are not raised: they end the relay and are returned in
     :attr:`RelayResult.error`, because a reset connection is ordinary traffic.
+    Pass ``result`` to watch the byte counts while the relay runs (an admin
+    view of live connections); it is updated in place and returned.
     """
-    result = RelayResult()
+    if result is None:
+        result = RelayResult()
     failed = False
     clean = False
 

@@ -425,15 +425,19 @@ async def connect_tcp(
     address: SocketAddress,
     *,
     prepare: Callable[[socket.socket], None] | None = None,
+    sock: socket.socket | None = None,
 ) -> socket.socket:
     """A connected non-blocking TCP socket to ``address``.
 
     ``prepare`` runs on the fresh socket before ``connect`` (``SO_MARK``, a
-    source address with ``IP_TRANSPARENT``, ...). Bound the call with a
-    cancel scope; on any failure the socket is closed and ``OSError`` raised.
+    source address with ``IP_TRANSPARENT``, ...). ``sock`` is a socket made
+    by the caller (in another netns, say) to connect instead of a fresh one;
+    it is taken over. Bound the call with a cancel scope; on any failure the
+    socket is closed and ``OSError`` raised.
     """
-    family = socket.AF_INET6 if address.ip.version == 6 else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    if sock is None:
+        family = socket.AF_INET6 if address.ip.version == 6 else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
         if prepare is not None:

@@ -34,6 +34,7 @@ non-200 answer).
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import ipaddress
 import math
@@ -72,6 +73,7 @@ __all__ = [
     "HboneClientConnection",
     "HboneServerConnection",
     "InboundRequest",
+    "TunnelConsumer",
     "TunnelStream",
     "open_hbone_connection",
     "serve_hbone",
@@ -115,6 +117,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._offset = 0
         self._eof = False
         self._eof_sent = False
+        self._send_error: HboneError | None = None
         self._closed = False
         self._established = False
         self._error: HboneError | None = None
@@ -141,6 +144,13 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._receive_lot.unpark_all()
         self._send_lot.unpark_all()
 
+    def _fail_sending(self, error: HboneError) -> None:
+        """The peer said "stop sending" after its END_STREAM (RST_STREAM NO_ERROR, RFC 9113
+        section 8.1): what it sent, and its EOF, stay readable; only sending fails."""
+        if self._send_error is None:
+            self._send_error = error
+        self._send_lot.unpark_all()
+
     def _set_established(self) -> None:
         self._established = True
         self._receive_lot.unpark_all()
@@ -161,6 +171,11 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             raise trio.ClosedResourceError("the tunnel is closed")
         if self._error is not None:
             raise trio.BrokenResourceError(str(self._error)) from self._error
+
+    def _check_send(self) -> None:
+        self._check()
+        if self._send_error is not None:
+            raise trio.BrokenResourceError(str(self._send_error)) from self._send_error
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if max_bytes is not None and max_bytes < 1:
@@ -225,7 +240,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         conn = self._conn
         try:
             while True:
-                self._check()
+                self._check_send()
                 if self._eof_sent:
                     raise trio.ClosedResourceError("send_eof() was called on this tunnel")
                 if not view:
@@ -247,7 +262,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
 
     async def wait_send_all_might_not_block(self) -> None:
         while True:
-            self._check()
+            self._check_send()
             if self._conn._send_window(self.stream_id) > 0 and not self._conn._backlogged():
                 await trio.lowlevel.checkpoint()
                 return
@@ -259,7 +274,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         if self._sending:
             raise trio.BusyResourceError("another task is sending on this tunnel")
         self._check()
-        if not self._eof_sent:
+        # After the peer's "stop sending" the stream is closed: nothing to end.
+        if not self._eof_sent and self._send_error is None:
             self._eof_sent = True
             self._conn._send_eof(self.stream_id)
         await trio.lowlevel.cancel_shielded_checkpoint()
@@ -470,7 +486,9 @@ class _ConnectionRunner:
         tunnel = self._tunnels.get(event.stream_id)
         if tunnel is None:
             return
-        if event.remote:
+        if event.remote and event.error_code == ErrorCodes.NO_ERROR and tunnel._eof:
+            tunnel._fail_sending(StreamReset(event.error_code))
+        elif event.remote:
             tunnel._fail(StreamReset(event.error_code))
         else:
             tunnel._fail(
@@ -802,6 +820,22 @@ class InboundRequest:
         return self.info.client
 
 
+class TunnelConsumer(abc.ABC):
+    """A handler's answer that takes the accepted tunnel itself and owns resources.
+
+    The server calls it with the tunnel once the CONNECT is accepted. When the
+    tunnel never gets that far (the client reset it, the connection ended) it
+    calls :meth:`discard` instead, so that what the handler prepared (an
+    upstream connection made before answering 200) is released.
+    """
+
+    @abc.abstractmethod
+    async def __call__(self, tunnel: TunnelStream) -> None: ...
+
+    @abc.abstractmethod
+    async def discard(self) -> None: ...
+
+
 #: A handler's answer: a status to refuse with (401, 503, ...), an upstream
 #: stream to relay the tunnel to (200 is sent first), or a coroutine function
 #: that takes the accepted tunnel itself (a waypoint's L7 processing).
@@ -869,6 +903,7 @@ class HboneServerConnection(_ConnectionRunner):
 
     async def _serve_tunnel(self, tunnel: TunnelStream, request: InboundRequest) -> None:
         upstream: trio.abc.Stream | None = None
+        unused: TunnelConsumer | None = None
         try:
             result = await self._decide(request)
             if isinstance(result, int):
@@ -876,6 +911,8 @@ class HboneServerConnection(_ConnectionRunner):
                 return
             if isinstance(result, trio.abc.Stream):
                 upstream = result
+            elif isinstance(result, TunnelConsumer):
+                unused = result
             try:
                 self._core.accept(tunnel.stream_id)
             except HboneError:
@@ -885,11 +922,14 @@ class HboneServerConnection(_ConnectionRunner):
                 relayed, upstream = upstream, None  # relay() closes it
                 await relay(tunnel, relayed)
             elif not isinstance(result, trio.abc.Stream):
+                unused = None  # the consumer owns its resources from here on
                 await self._consume(tunnel, result, request)
         finally:
             with trio.CancelScope(shield=True):
                 if upstream is not None:  # never accepted: close it
                     await trio.aclose_forcefully(upstream)
+                if unused is not None:
+                    await unused.discard()
                 await tunnel.aclose()
 
     async def _consume(
@@ -994,12 +1034,14 @@ async def serve_hbone_tls(
     waypoint: bool = False,
     settings: p.HboneSettings | None = None,
     handshake_timeout: float = 10.0,
+    on_connection: Callable[[HboneServerConnection], None] | None = None,
 ) -> None:
     """TLS handshake on an accepted socket (taken over), then :func:`serve_hbone`.
 
     ``context`` presents the certificate of the workload that owns the
     socket's local IP (no SNI). A failed or slow handshake is logged and
-    the socket closed; nothing is raised.
+    the socket closed; nothing is raised. ``on_connection`` is told the
+    connection once it serves (a proxy keeps it to ``drain`` it later).
     """
     try:
         local_ip = None if waypoint else _local_ip_of_socket(sock)
@@ -1009,7 +1051,7 @@ async def serve_hbone_tls(
         sock.close()
         _log.info("hbone handshake failed", error=f"{type(exc).__name__}: {exc}")
         return
-    await serve_hbone(
+    connection = HboneServerConnection(
         transport,
         handler,
         local_ip=local_ip,
@@ -1017,6 +1059,10 @@ async def serve_hbone_tls(
         settings=settings,
         peer=transport.peer,
     )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(connection.run)
+        if on_connection is not None:
+            on_connection(connection)
 
 
 def _local_ip_of_socket(sock: socket.socket) -> IPAddress:

@@ -44,7 +44,7 @@ from typing import Any, Final
 import structlog
 import trio
 
-from underpass.lab import agents, netns, procs
+from underpass.lab import agents, mesh, netns, procs
 from underpass.lab.cni_runner import (
     LOOPBACK_CONFLIST,
     CniRunner,
@@ -394,6 +394,7 @@ class Lab:
             for ns in opts.namespaces:
                 self._ensure_service(cfg, ns)
         agent_actions = await self._ensure_agents(cfg, nodes) if cfg.mesh else {}
+        mesh_actions = await self._ensure_mesh(cfg, nodes) if cfg.mesh else {}
         specs = self._plan_pods(opts)
         outcomes = await self._ensure_pods(cfg, specs, apps=opts.apps)
         seconds = time.perf_counter() - started
@@ -403,6 +404,7 @@ class Lab:
             "lab": _config_dict(cfg, self.state_dir),
             "nodes": [obj_dict(n) for n in nodes],
             "agents": agent_actions,
+            "mesh": mesh_actions,
             "pods": [o.to_dict() for o in outcomes],
             "seconds": round(seconds, 3),
             "cni_add_ms_mean": round(sum(added) / len(added), 1) if added else None,
@@ -878,6 +880,7 @@ class Lab:
             doc["netns_present"] = os.path.exists(node.netns)
             doc["pods"] = len(snap.pods_on_node(node.name))
             doc["agent"] = agents.state(self.paths, node.name) if cfg.mesh else None
+            doc["ztunnel"] = mesh.state(self.paths, node.name) if cfg.mesh else None
             nodes.append(doc)
         return {
             "lab": _config_dict(cfg, self.state_dir),
@@ -894,6 +897,26 @@ class Lab:
         }
 
     # ---- down
+
+    async def _ensure_mesh(self, cfg: LabConfig, nodes: Sequence[Node]) -> dict[str, str]:
+        """The control plane, then every node's ztunnel (in parallel), running and ready."""
+        actions = {"controlplane": await mesh.ensure_control_plane(self.paths, cfg, list(nodes))}
+        errors: list[str] = []
+
+        async def one(node: Node) -> None:
+            try:
+                actions[mesh.ztunnel_key(node.name)] = await mesh.ensure_ztunnel(
+                    self.paths, cfg, node
+                )
+            except LabError as exc:
+                errors.append(str(exc))
+
+        async with trio.open_nursery() as nursery:
+            for node in nodes:
+                nursery.start_soon(one, node)
+        if errors:
+            raise LabError("; ".join(sorted(errors)))
+        return dict(sorted(actions.items()))
 
     async def down(self, prefix: str | None = None) -> dict[str, Any]:
         """Remove every netns, link, process and file of the lab; idempotent."""

@@ -147,10 +147,12 @@ async def test_labels_enrol_and_release_running_pods_without_restarts(lab: LabHa
         # no restart: same app processes, same network namespaces
         assert app_pids(lab) == apps_before
         assert {p.name: netns.inode(p.netns) for p in lab.registry.pods()} == netns_before
-        # captured, and no ztunnel yet: nothing listens on 15001, so connections fail
+        # captured and carried by the nodes' ztunnels: the server still sees the client's IP
         server_ip = lab.pod_ip("default", "echo-2-1")
-        refused = lab.app("default/echo-1-1", "http", f"http://{server_ip}:8080/", check=False)
-        assert "ConnectionRefusedError" in refused["error"]
+        tunnelled = lab.app("default/echo-1-1", "http", f"http://{server_ip}:8080/")
+        assert tunnelled["client_ip"] == lab.pod_ip("default", "echo-1-1")
+        log = (lab.state_dir / "logs" / "ztunnel.node-2.log").read_text()
+        assert '"protocol": "HBONE"' in log and '"direction": "inbound"' in log
 
         lab.run("label", "namespace", "default", f"{MODE}-")
         snap = await until_enrolled(lab, keys, False)

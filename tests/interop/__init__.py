@@ -1,0 +1,1 @@
+"""Interop tier: Underpass against real, independent peers (Envoy, OpenSSL, curl)."""

@@ -1,0 +1,198 @@
+"""``underpass ztunnel``: run the node's L4 tunnel (see :mod:`ztunnel.app`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TOKEN_FILE = "/var/run/secrets/tokens/istio-token"  # noqa: S105 (a path)
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "ztunnel",
+        help="run ztunnel, the node-shared L4 mTLS tunnel (one per node)",
+        description=(
+            "Serve every captured pod on this node: take pods from the node agent over ZDS, "
+            "listen inside each pod's network namespace (15001 outbound, 15006 inbound "
+            "plaintext, 15008 inbound HBONE), carry their traffic over mTLS with each pod's "
+            "own SPIFFE identity and enforce L4 authorization. State comes from the control "
+            "plane (--xds-address) or a local file (--local-config); certificates from the "
+            "CA with node impersonation."
+        ),
+    )
+    env = os.environ.get
+    p.add_argument(
+        "--node",
+        default=env("NODE_NAME"),
+        required=env("NODE_NAME") is None,
+        help="name of this node (default: $NODE_NAME)",
+    )
+    p.add_argument(
+        "--zds-socket",
+        default="/var/run/ztunnel/ztunnel.sock",
+        metavar="PATH",
+        help="the node agent's ZDS socket (default: %(default)s)",
+    )
+    state = p.add_argument_group("state (exactly one)")
+    state.add_argument(
+        "--xds-address",
+        metavar="HOST:PORT",
+        help="control plane (Delta ADS), e.g. discovery.istio-system:15012",
+    )
+    state.add_argument(
+        "--local-config",
+        type=Path,
+        metavar="FILE",
+        help="workloads, services and policies from this YAML file, reloaded when it changes",
+    )
+    state.add_argument(
+        "--xds-plaintext",
+        action="store_true",
+        help="talk to the control plane without TLS (its port 15010; no token is sent)",
+    )
+    identity = p.add_argument_group("identity")
+    identity.add_argument(
+        "--ca-address",
+        metavar="HOST:PORT",
+        help="the CA (default: the --xds-address, as the control plane serves both)",
+    )
+    identity.add_argument(
+        "--ca-root-cert",
+        type=Path,
+        metavar="FILE",
+        required=True,
+        help="root certificate(s) that sign the CA's and control plane's serving certificate",
+    )
+    identity.add_argument(
+        "--token-file",
+        type=Path,
+        default=Path(env("UNDERPASS_TOKEN_FILE", DEFAULT_TOKEN_FILE)),
+        metavar="FILE",
+        help="this ztunnel's bearer token (re-read on every use, so rotation works; "
+        "default: %(default)s)",
+    )
+    identity.add_argument(
+        "--server-name",
+        metavar="NAME",
+        help="name the control plane's certificate carries, when the address is not it",
+    )
+    identity.add_argument("--trust-domain", default="cluster.local", help="default: %(default)s")
+    identity.add_argument("--cluster-id", default="Kubernetes", help="default: %(default)s")
+    ports = p.add_argument_group("node-side endpoints")
+    ports.add_argument(
+        "--admin-address", default="127.0.0.1:15000", help="admin (default: %(default)s)"
+    )
+    ports.add_argument(
+        "--metrics-address", default="0.0.0.0:15020", help="Prometheus (default: %(default)s)"
+    )
+    ports.add_argument(
+        "--readiness-address", default="0.0.0.0:15021", help="readiness (default: %(default)s)"
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long connections may finish when a pod leaves or ztunnel stops "
+        "(default: %(default)s)",
+    )
+    p.add_argument("--pod-name", default=env("POD_NAME", "ztunnel"), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--pod-namespace", default=env("POD_NAMESPACE", "istio-system"), help=argparse.SUPPRESS
+    )
+    p.add_argument("--pod-ip", default=env("INSTANCE_IP", "127.0.0.1"), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--ready-fd",
+        type=int,
+        default=None,
+        metavar="FD",
+        help="write 'ready' and a newline to this inherited descriptor once the listeners are "
+        "up (how `underpass lab up` waits for it)",
+    )
+    p.set_defaults(func=run)
+
+
+def _host_port(text: str, what: str) -> tuple[str, int]:
+    host, colon, port = text.rpartition(":")
+    if not colon or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise SystemExit(f"underpass ztunnel: {what} must be HOST:PORT, got {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 (the default for an unspecified host)
+
+
+def _token_reader(path: Path) -> Callable[[], str]:
+    def read() -> str:
+        try:
+            return path.read_text().strip()
+        except OSError as exc:
+            raise RuntimeError(f"cannot read the token file {path}: {exc.strerror}") from None
+
+    return read
+
+
+def run(args: argparse.Namespace) -> int:
+    import structlog
+    import trio
+
+    from ztunnel.app import CaSettings, XdsSettings, ZtunnelConfig, run_ztunnel
+    from ztunnel.pod import ProxySettings
+
+    log = structlog.get_logger("ztunnel")
+    if (args.xds_address is None) == (args.local_config is None):
+        log.error("give exactly one state source: --xds-address or --local-config")
+        return 2
+    ca_address = args.ca_address or args.xds_address
+    if ca_address is None:
+        log.error("--ca-address is needed with --local-config (the pods' certificates)")
+        return 2
+    try:
+        root_pem = args.ca_root_cert.read_bytes()
+    except OSError as exc:
+        log.error("cannot read --ca-root-cert", path=str(args.ca_root_cert), error=exc.strerror)
+        return 1
+    token = _token_reader(args.token_file)
+    xds = None
+    if args.xds_address is not None:
+        xds = XdsSettings(
+            address=args.xds_address,
+            root_pem=None if args.xds_plaintext else root_pem,
+            token=None if args.xds_plaintext else token,
+            server_name=args.server_name,
+            pod_name=args.pod_name,
+            pod_namespace=args.pod_namespace,
+            pod_ip=args.pod_ip,
+        )
+    config = ZtunnelConfig(
+        proxy=ProxySettings(
+            node=args.node,
+            cluster=args.cluster_id,
+            trust_domain=args.trust_domain,
+            drain_timeout=args.drain_timeout,
+        ),
+        zds_socket=args.zds_socket,
+        local_config=args.local_config,
+        xds=xds,
+        ca=CaSettings(ca_address, root_pem, token, server_name=args.server_name),
+        admin_address=_host_port(args.admin_address, "--admin-address"),
+        metrics_address=_host_port(args.metrics_address, "--metrics-address"),
+        readiness_address=_host_port(args.readiness_address, "--readiness-address"),
+    )
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            ztunnel = await nursery.start(run_ztunnel, config)
+            await ztunnel.wait_ready()
+            log.info("ztunnel ready")
+            if args.ready_fd is not None:
+                os.write(args.ready_fd, b"ready\n")
+                os.close(args.ready_fd)
+
+    try:
+        trio.run(main)
+    except OSError as exc:
+        log.error("ztunnel cannot start", error=str(exc))
+        return 1
+    return 0
