@@ -39,7 +39,7 @@ from identity.errors import IdentityError
 from identity.spiffe import SpiffeId
 from identity.tls import tls_client_socket
 from underpass.hbone.errors import HboneError, UpstreamUnavailable
-from underpass.hbone.headers import ConnectRequest, SocketAddress
+from underpass.hbone.headers import Baggage, ConnectRequest, SocketAddress
 from underpass.hbone.pool import HbonePool, PoolKey, open_hbone_pool
 from underpass.hbone.protocol import HboneSettings
 from underpass.hbone.relay import abort_stream, relay
@@ -319,7 +319,9 @@ class PodProxy:
         assert self._pool is not None
         key = PoolKey(self.identity, route.identities, route.address.ip, route.address.port)
         host = route.service.hostname if route.service is not None else None
-        request = ConnectRequest(authority=route.authority, client=client, host=host)
+        request = ConnectRequest(
+            authority=route.authority, client=client, host=host, baggage=self._baggage(source)
+        )
         labels = TcpLabels.for_connection(
             reporter="source",
             source=source,
@@ -356,6 +358,19 @@ class PodProxy:
                 await abort_stream(app)
                 return
             await relay(app, tunnel, result=conn.counters)
+
+    def _baggage(self, source: Workload | None) -> Baggage:
+        """What HBONE tells the peer about the calling pod (``baggage`` header)."""
+        if source is None:
+            return Baggage(cluster=self._settings.cluster, namespace=self.info.namespace)
+        return Baggage(
+            cluster=source.cluster_id or self._settings.cluster,
+            namespace=source.namespace,
+            workload_kind=source.workload_type.name.lower(),
+            workload_name=source.workload_name or source.name,
+            service_name=source.canonical_name,
+            service_version=source.canonical_revision,
+        )
 
     async def _dial(self, key: PoolKey) -> trio.abc.Stream:
         """The pool's connector: TCP from the pod's netns, TLS as the pod, server checked."""

@@ -149,7 +149,10 @@ class PodManager:
                     if in_snapshot is not None:
                         in_snapshot.add(request.uid)
                 else:
-                    error = f"Keep for pod {request.uid}, which ztunnel does not serve: send Add"
+                    # The agent sends Keep when it can no longer open the pod's netns
+                    # (the pod is going away). A ztunnel that never served it has
+                    # nothing to keep; an error would only make the agent retry.
+                    log.warning("Keep for a pod this ztunnel does not serve", uid=request.uid)
             elif isinstance(request, SnapshotSent):
                 assert in_snapshot is not None
                 for uid in [u for u in self._pods if u not in in_snapshot]:

@@ -205,7 +205,7 @@ def test_demo_cleans_up_on_ctrl_c() -> None:
     try:
         for line in proc.stdout:  # event: the demo's own progress line
             out += line
-            if line.startswith("==> [4/9]"):
+            if line.startswith("==> [4/10]"):
                 os.killpg(proc.pid, signal.SIGINT)
                 break
         rest, err = proc.communicate(timeout=120)

@@ -252,11 +252,13 @@ def _cmd_up(args: argparse.Namespace) -> int:
     changed = [p for p in report["pods"] if p["action"] != "unchanged"]
     mean = report["cni_add_ms_mean"]
     started = [n for n, action in report["agents"].items() if action != "running"]
+    mesh_started = [n for n, action in report.get("mesh", {}).items() if action != "running"]
     print(
         f"\nlab {report['lab']['prefix']} up in {report['seconds']:.2f} s: "
         f"{len(report['pods'])} pods, {len(changed)} (re)created"
         + (f", mean CNI ADD {mean} ms" if mean is not None else "")
         + (f", node agents (re)started on {', '.join(started)}" if started else "")
+        + (f", (re)started {', '.join(mesh_started)}" if mesh_started else "")
     )
     return 0
 
@@ -309,7 +311,8 @@ def render_status(status: dict[str, Any], *, services: bool = True) -> str:
     services) tables separated by blank lines."""
     lab = status["lab"]
     mesh = (
-        f"mesh on (node agent logs: {lab['state_dir']}/logs/agent.NODE.log)"
+        f"mesh on (logs: {lab['state_dir']}/logs/agent.NODE.log, ztunnel.NODE.log, "
+        "controlplane.log)"
         if lab["mesh"]
         else "mesh off"
     )
@@ -318,7 +321,7 @@ def render_status(status: dict[str, Any], *, services: bool = True) -> str:
         f"(fabric {lab['fabric_ip']}{', host ' + lab['host_ip'] if lab['host_ip'] else ''})\n"
         f"{mesh}\n",
         table.render(
-            ["node", "underlay ip", "pod cidr", "pods", "agent", "netns"],
+            ["node", "underlay ip", "pod cidr", "pods", "agent", "ztunnel", "netns"],
             [
                 [
                     n["name"],
@@ -326,6 +329,7 @@ def render_status(status: dict[str, Any], *, services: bool = True) -> str:
                     n["pod_cidr"],
                     n["pods"],
                     _agent_cell(n["agent"]),
+                    _agent_cell(n.get("ztunnel")),
                     n["netns"] if n["netns_present"] else f"{n['netns']} (missing)",
                 ]
                 for n in status["nodes"]

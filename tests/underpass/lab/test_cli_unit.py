@@ -178,6 +178,7 @@ def _status(mesh: bool, agent: dict[str, Any] | None) -> dict[str, Any]:
                 "pod_cidr": "10.244.1.0/24",
                 "pods": 0,
                 "agent": agent,
+                "ztunnel": agent,
                 "netns": "/run/netns/t-node-1",
                 "netns_present": True,
             }
@@ -190,8 +191,9 @@ def _status(mesh: bool, agent: dict[str, Any] | None) -> dict[str, Any]:
 
 def test_status_shows_each_node_agent_and_where_its_log_is() -> None:
     running = lab_cli.render_status(_status(True, {"running": True, "pid": 42}))
-    assert "mesh on (node agent logs: /s/logs/agent.NODE.log)" in running
-    assert "AGENT" in running and "running (pid 42)" in running
+    assert "mesh on (logs: /s/logs/agent.NODE.log, ztunnel.NODE.log" in running
+    assert "AGENT" in running and "ZTUNNEL" in running
+    assert running.count("running (pid 42)") == 2
     dead = lab_cli.render_status(_status(True, {"running": False, "pid": None}))
     assert "NOT RUNNING" in dead
     off = lab_cli.render_status(_status(False, None))

@@ -126,8 +126,8 @@ def test_up_runs_a_ready_agent_per_node_before_any_pod(lab: LabHandle) -> None:
         "labRegistry": str(lab.state_dir),
     }
     table = lab.run("status").stdout
-    assert "mesh on (node agent logs: " in table and "/logs/agent.NODE.log" in table
-    assert table.count("running (pid ") == 2
+    assert "mesh on (logs: " in table and "/logs/agent.NODE.log" in table
+    assert table.count("running (pid ") == 4  # an agent and a ztunnel per node
 
 
 async def test_labels_enrol_and_release_running_pods_without_restarts(lab: LabHandle) -> None:
