@@ -464,6 +464,17 @@ class ZdsClient:
         self.protocol = ZtunnelProtocol()
 
     @classmethod
+    async def adopt(cls, sock: trio.socket.SocketType) -> ZdsClient:
+        """Say hello on an already connected socket (a supervisor's socketpair end)."""
+        client = cls(sock)
+        try:
+            await send_datagram(sock, client.protocol.hello())
+        except BaseException:
+            sock.close()
+            raise
+        return client
+
+    @classmethod
     async def connect(cls, path: str, *, retry_for: float = 0.0) -> ZdsClient:
         """Connect and say hello; while the agent is not there yet (no socket, refused),
         retry with backoff for up to ``retry_for`` seconds (ztunnel uses 15)."""

@@ -23,6 +23,7 @@ one goes.
 from __future__ import annotations
 
 import signal
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,10 +34,14 @@ import trio
 
 from identity.certmanager import CaClientSigner, CertificateManager, CertificateSigner
 from identity.client import CaClient
+from identity.spiffe import SpiffeId
+from underpass.zds import WorkloadInfo
 from ztunnel import dump
 from ztunnel.admin import serve_admin, serve_metrics, serve_readiness
 from ztunnel.connections import ConnectionTracker
+from ztunnel.dedicated import DedicatedPod
 from ztunnel.identities import NodeIdentities
+from ztunnel.isolation import IsolatingPodManager, SupervisorSigner, XdsRelay, worker_command
 from ztunnel.local_config import LocalConfigSource
 from ztunnel.metrics import ZtunnelMetrics
 from ztunnel.pod import ProxySettings, Shared
@@ -77,20 +82,37 @@ class ZtunnelConfig:
     local_config: Path | None = None
     xds: XdsSettings | None = None
     ca: CaSettings | None = None
-    admin_address: tuple[str, int] = ("127.0.0.1", 15000)
-    metrics_address: tuple[str, int] = ("0.0.0.0", 15020)  # noqa: S104 (Prometheus scrapes from off the node)
-    readiness_address: tuple[str, int] = ("0.0.0.0", 15021)  # noqa: S104 (kubelet probes from the node)
-    #: For tests and dedicated set-ups: sign locally instead of through ``ca``.
+    #: None: that endpoint is off (a per-service-account worker serves none).
+    admin_address: tuple[str, int] | None = ("127.0.0.1", 15000)
+    metrics_address: tuple[str, int] | None = ("0.0.0.0", 15020)  # noqa: S104 (Prometheus scrapes from off the node)
+    readiness_address: tuple[str, int] | None = ("0.0.0.0", 15021)  # noqa: S104 (kubelet probes from the node)
+    #: For tests: sign locally instead of through ``ca``.
     signer: CertificateSigner | None = field(default=None, compare=False)
+    #: Mode 3 (``--isolation service-account``): the supervisor starts a worker per
+    #: service account with this command line (plus state and worker options).
+    isolation: str = "shared"
+    worker_base_argv: tuple[str, ...] = ()
+    #: A mode-3 worker: its identity and the sockets inherited from its supervisor.
+    worker: WorkerSettings | None = None
+    #: Mode 1 (our own sidecar) / mode 4's waypoint stand-in: serve the pod this
+    #: process runs in, with that pod's own token.
+    dedicated: WorkloadInfo | None = None
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    identity: SpiffeId
+    zds_fd: int
+    signer_fd: int
 
 
 @dataclass(frozen=True)
 class Bound:
-    """What a started ztunnel listens on (ports resolved when 0 was asked)."""
+    """What a started ztunnel listens on (ports resolved when 0 was asked; None: off)."""
 
-    admin: tuple[str, int]
-    metrics: tuple[str, int]
-    readiness: tuple[str, int]
+    admin: tuple[str, int] | None
+    metrics: tuple[str, int] | None
+    readiness: tuple[str, int] | None
 
 
 class Ztunnel:
@@ -99,8 +121,10 @@ class Ztunnel:
     def __init__(self, config: ZtunnelConfig) -> None:
         if (config.xds is None) == (config.local_config is None):
             raise ValueError("ztunnel needs exactly one state source: xDS or --local-config")
-        if config.ca is None and config.signer is None:
+        if config.ca is None and config.signer is None and config.worker is None:
             raise ValueError("ztunnel needs a CA to get its pods' certificates (--ca-address)")
+        if config.isolation not in ("shared", "service-account"):
+            raise ValueError(f"unknown isolation {config.isolation!r}: shared or service-account")
         self.config = config
         self.store = StateStore()
         self.metrics = ZtunnelMetrics()
@@ -113,6 +137,15 @@ class Ztunnel:
         self._started = trio.Event()
         self.bound: Bound | None = None
 
+    @property
+    def mode(self) -> str:
+        config = self.config
+        if config.dedicated is not None:
+            return "waypoint-stand-in" if config.proxy.waypoint_stand_in else "dedicated"
+        if config.worker is not None:
+            return f"worker for {config.worker.identity.uri}"
+        return "shared" if config.isolation == "shared" else "supervisor (per service account)"
+
     # -- admin provider ------------------------------------------------------------------
 
     def config_dump(self) -> dict[str, Any]:
@@ -124,6 +157,9 @@ class Ztunnel:
                 certificates.append(dump.certificate_json(status, manager.current(status.identity)))
         result = dump.config_dump(snapshot, certificates)
         result["node"] = self.config.proxy.node
+        result["mode"] = self.mode
+        if isinstance(self.pods, IsolatingPodManager):
+            result["workers"] = self.pods.workers()
         result["pods"] = [
             {
                 "uid": p.uid,
@@ -172,7 +208,13 @@ class Ztunnel:
 
     async def run(self, *, task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
-        signer = config.signer or _ca_signer(config)
+        signer: CertificateSigner
+        if config.worker is not None:
+            channel = socket.socket(fileno=config.worker.signer_fd)
+            signer = SupervisorSigner(trio.socket.from_stdlib_socket(channel))
+        else:
+            signer = config.signer or _ca_signer(config, impersonate=config.dedicated is None)
+        relay: XdsRelay | None = None
         async with CertificateManager.open(signer) as manager:
             self.identities = NodeIdentities(manager)
             self.metrics.set_certificate_source(manager.identities)
@@ -183,42 +225,86 @@ class Ztunnel:
                 tracker=self.tracker,
                 metrics=self.metrics,
             )
-            self.pods = PodManager(shared, config.zds_socket)
-            async with trio.open_nursery() as nursery:
-                await self._start_state_source(nursery)
-                admin = await nursery.start(serve_admin, config.admin_address, self)
-                metrics = await nursery.start(serve_metrics, config.metrics_address, self.metrics)
-                ready = await nursery.start(serve_readiness, config.readiness_address, self)
-                await nursery.start(self.tracker.run)
-                nursery.start_soon(self._follow_state)
-                await nursery.start(self.pods.run)
-                self.bound = Bound(admin, metrics, ready)
-                log.info(
-                    "ztunnel started",
-                    node=config.proxy.node,
-                    admin=f"{admin[0]}:{admin[1]}",
-                    metrics=f"{metrics[0]}:{metrics[1]}",
-                    readiness=f"{ready[0]}:{ready[1]}",
-                    state_source="xds" if config.xds is not None else "local config",
+            if config.dedicated is not None:
+                self.pods = DedicatedPod(shared, config.dedicated)
+            elif config.worker is not None:
+                supervisor = socket.socket(fileno=config.worker.zds_fd)
+                self.pods = PodManager(
+                    shared,
+                    "",
+                    supervisor=trio.socket.from_stdlib_socket(supervisor),
+                    on_supervisor_gone=self.shutdown,
                 )
-                self._started.set()
-                task_status.started(self.bound)
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                    async with trio.open_nursery() as waiters:
-
-                        async def on_signal() -> None:
-                            async for signum in signals:
-                                log.info("signal received", signal=signal.Signals(signum).name)
-                                self._shutdown.set()
-                                return
-
-                        waiters.start_soon(on_signal)
-                        await self._shutdown.wait()
-                        waiters.cancel_scope.cancel()
-                log.info("ztunnel draining", drain_timeout_s=config.proxy.drain_timeout)
-                await self.pods.shutdown(config.proxy.drain_timeout)
-                nursery.cancel_scope.cancel()
+            elif config.isolation == "service-account":
+                argv = list(config.worker_base_argv)
+                if config.local_config is not None:
+                    argv += ["--local-config", str(config.local_config)]
+                else:
+                    assert config.xds is not None
+                    relay = XdsRelay(
+                        config.xds.address,
+                        root_pem=config.xds.root_pem,
+                        server_name=config.xds.server_name,
+                        token=config.xds.token,
+                    )
+                    relay.start()
+                    argv += ["--xds-address", relay.address, "--xds-plaintext"]
+                self.pods = IsolatingPodManager(
+                    shared,
+                    config.zds_socket,
+                    node_signer=_ca_signer(config, impersonate=True),
+                    worker_argv=worker_command(argv),
+                )
+            else:
+                self.pods = PodManager(shared, config.zds_socket)
+            try:
+                await self._serve(config, task_status)
+            finally:
+                if relay is not None:
+                    relay.stop()
         log.info("ztunnel stopped")
+
+    async def _serve(self, config: ZtunnelConfig, task_status: trio.TaskStatus[Bound]) -> None:
+        assert self.pods is not None
+        async with trio.open_nursery() as nursery:
+            await self._start_state_source(nursery)
+            admin = metrics = ready = None
+            if config.admin_address is not None:
+                admin = await nursery.start(serve_admin, config.admin_address, self)
+            if config.metrics_address is not None:
+                metrics = await nursery.start(serve_metrics, config.metrics_address, self.metrics)
+            if config.readiness_address is not None:
+                ready = await nursery.start(serve_readiness, config.readiness_address, self)
+            await nursery.start(self.tracker.run)
+            nursery.start_soon(self._follow_state)
+            await nursery.start(self.pods.run)
+            self.bound = Bound(admin, metrics, ready)
+            log.info(
+                "ztunnel started",
+                node=config.proxy.node,
+                mode=self.mode,
+                admin=_text(admin),
+                metrics=_text(metrics),
+                readiness=_text(ready),
+                state_source="xds" if config.xds is not None else "local config",
+            )
+            self._started.set()
+            task_status.started(self.bound)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async with trio.open_nursery() as waiters:
+
+                    async def on_signal() -> None:
+                        async for signum in signals:
+                            log.info("signal received", signal=signal.Signals(signum).name)
+                            self._shutdown.set()
+                            return
+
+                    waiters.start_soon(on_signal)
+                    await self._shutdown.wait()
+                    waiters.cancel_scope.cancel()
+            log.info("ztunnel draining", drain_timeout_s=config.proxy.drain_timeout)
+            await self.pods.shutdown(config.proxy.drain_timeout)
+            nursery.cancel_scope.cancel()
 
     async def _start_state_source(self, nursery: trio.Nursery) -> None:
         config = self.config
@@ -240,6 +326,23 @@ class Ztunnel:
             xds.address, self.store.claim_writer("xds"), node, tls=tls, token=xds.token
         )
         await nursery.start(self.xds.run)
+        nursery.start_soon(self._follow_xds, self.xds)
+
+    async def _follow_xds(self, xds: XdsSource) -> None:
+        """The control-plane connection's gauge and NACK counter follow the source."""
+        nacks = 0
+        while True:
+            connected = xds.connected
+            self.metrics.set_xds_connected(connected)
+            for _ in range(xds.nacks - nacks):
+                self.metrics.xds_nack()
+            nacks = xds.nacks
+            seen = (connected, nacks)
+
+            def changed(source: XdsSource, seen: tuple[bool, int] = seen) -> bool:
+                return (source.connected, source.nacks) != seen
+
+            await xds.wait_until(changed)
 
     async def _follow_state(self) -> None:
         """Each new state: gauges, and open connections re-checked against its policies."""
@@ -248,15 +351,19 @@ class Ztunnel:
             snapshot = await self.store.wait_changed(version)
             version = snapshot.version
             self.metrics.observe_snapshot(snapshot)
-            if self.xds is not None:
-                self.metrics.set_xds_connected(self.xds.connected)
             closed = self.tracker.recheck(snapshot)
             if closed:
                 log.info("policy change closed connections", closed=closed)
 
 
-def _ca_signer(config: ZtunnelConfig) -> CertificateSigner:
-    assert config.ca is not None
+def _text(address: tuple[str, int] | None) -> str:
+    return "off" if address is None else f"{address[0]}:{address[1]}"
+
+
+def _ca_signer(config: ZtunnelConfig, *, impersonate: bool) -> CertificateSigner:
+    """The CA through gRPC: as the node (impersonating pods) or as the pod itself."""
+    if config.ca is None:
+        raise ValueError("no CA configured (--ca-address)")
     ca = config.ca
     client = CaClient(
         ca.address,
@@ -265,7 +372,7 @@ def _ca_signer(config: ZtunnelConfig) -> CertificateSigner:
         server_name=ca.server_name,
         cluster_id=config.proxy.cluster,
     )
-    return CaClientSigner(client, impersonate=True)
+    return CaClientSigner(client, impersonate=impersonate)
 
 
 async def run_ztunnel(

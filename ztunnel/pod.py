@@ -86,6 +86,9 @@ class ProxySettings:
     connect_timeout: float = 10.0
     hbone_idle_timeout: float = 300.0
     hbone: HboneSettings | None = None
+    #: Mode 4's stand-in for a waypoint: inbound HBONE is forwarded to its
+    #: authority (over HBONE again) instead of to a local application.
+    waypoint_stand_in: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,6 +411,7 @@ class PodProxy:
             context,
             self._settings.trust_domain,
             handler,
+            waypoint=self._settings.waypoint_stand_in,
             settings=self._settings.hbone,
             on_connection=self._hbone_servers.add,
         )
@@ -422,6 +426,8 @@ class PodProxy:
         if authority.port in LOOP_GUARD_PORTS:
             log.info("inbound hbone refused: loop guard", authority=str(authority))
             return 400
+        if self._settings.waypoint_stand_in:
+            return await self._forward_as_waypoint(request, client)
         snapshot = self._shared.store.snapshot
         workload = self.workload(snapshot)
         if workload is None:
@@ -446,6 +452,59 @@ class PodProxy:
             self,
             upstream,
             _InboundFacts("HBONE", client, authority, source, workload, facts, labels),
+        )
+
+    async def _forward_as_waypoint(
+        self, request: InboundRequest, client: SocketAddress
+    ) -> HandlerResult:
+        """The waypoint stand-in: tunnel on to the authority (no L7 processing yet)."""
+        assert self._pool is not None
+        snapshot = self._shared.store.snapshot
+        route = plan_outbound(snapshot, request.authority, ignore_waypoint=True)
+        origin = request.client or client
+        source = snapshot.workload_by_ip(origin.ip)
+        if isinstance(route, Refused):
+            raise UpstreamUnavailable(
+                f"the waypoint cannot reach {request.authority}: {route.reason}"
+            )
+        if isinstance(route, Passthrough):
+            with trio.fail_after(UPSTREAM_CONNECT_TIMEOUT):
+                sock = self.netns.tcp_socket(_family(route.address))
+                upstream: trio.abc.Stream = SocketStream(
+                    await connect_tcp(route.address, sock=sock)
+                )
+            target, protocol, destination = route.address, "passthrough", route.workload
+            identity = None
+        else:
+            key = PoolKey(self.identity, route.identities, route.address.ip, route.address.port)
+            upstream = await self._pool.open_tunnel(
+                key, ConnectRequest(authority=route.authority, client=origin)
+            )
+            target, protocol, destination = route.authority, "HBONE", route.workload
+            identity = route.workload.identity.uri
+        labels = TcpLabels.for_connection(
+            reporter="destination",
+            source=source,
+            source_principal=request.peer.uri if request.peer is not None else None,
+            destination=destination,
+            destination_service=route.service,
+            destination_principal=identity,
+            mtls=True,
+        )
+        return _WaypointRelay(
+            self,
+            upstream,
+            {
+                "direction": "inbound",
+                "protocol": f"waypoint->{protocol}",
+                "source": str(origin),
+                "destination": str(target),
+                "source_workload": source,
+                "destination_workload": destination,
+                "source_identity": request.peer.uri if request.peer is not None else None,
+                "destination_identity": identity,
+                "labels": labels,
+            },
         )
 
     async def _plaintext(self, sock: socket.socket) -> None:
@@ -587,6 +646,22 @@ async def _redirected(
         log.info(f"{direction} connection without an original destination", error=str(exc))
         await abort_stream(stream)
         return None
+
+
+class _WaypointRelay(TunnelConsumer):
+    """An accepted tunnel at the waypoint stand-in, relayed to the next hop."""
+
+    def __init__(self, pod: PodProxy, upstream: trio.abc.Stream, facts: dict[str, Any]) -> None:
+        self._pod = pod
+        self._upstream = upstream
+        self._facts = facts
+
+    async def __call__(self, tunnel: TunnelStream) -> None:
+        with self._pod._tracked(**self._facts) as conn, conn.cancel_scope:
+            await relay(tunnel, self._upstream, result=conn.counters)
+
+    async def discard(self) -> None:
+        await abort_stream(self._upstream)
 
 
 def _family(address: SocketAddress) -> socket.AddressFamily:

@@ -23,6 +23,7 @@ no workload info) is an Ack carrying the error, which the agent retries.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -53,9 +54,20 @@ class PodSummary:
 class PodManager:
     """Owns every :class:`PodProxy` of the node (see the module docstring)."""
 
-    def __init__(self, shared: Shared, zds_socket: str) -> None:
+    def __init__(
+        self,
+        shared: Shared,
+        zds_socket: str,
+        *,
+        supervisor: trio.socket.SocketType | None = None,
+        on_supervisor_gone: Callable[[], None] | None = None,
+    ) -> None:
         self._shared = shared
         self._zds_socket = zds_socket
+        # A per-service-account worker talks ZDS to its supervisor over an
+        # inherited socket, once: when the supervisor goes, so does the worker.
+        self._supervisor = supervisor
+        self._on_supervisor_gone = on_supervisor_gone
         self._pods: dict[str, PodProxy] = {}
         self._nursery: trio.Nursery | None = None
         self._client: ZdsClient | None = None
@@ -101,6 +113,20 @@ class PodManager:
     # -- ZDS -----------------------------------------------------------------------------
 
     async def _zds_forever(self) -> None:
+        if self._supervisor is not None:
+            client = await ZdsClient.adopt(self._supervisor)
+            self.zds_connected = True
+            try:
+                await self._converse(client)
+            except (ZdsError, OSError) as exc:
+                log.error("ZDS with the supervisor failed", error=str(exc))
+            finally:
+                self.zds_connected = False
+                client.close()
+            log.info("the supervisor closed the ZDS connection; stopping")
+            if self._on_supervisor_gone is not None:
+                self._on_supervisor_gone()
+            return
         delay = ZDS_RETRY_INITIAL
         while True:
             try:

@@ -69,8 +69,13 @@ class Refused:
 Route = ViaHbone | Passthrough | Refused
 
 
-def plan_outbound(snapshot: Snapshot, destination: SocketAddress) -> Route:
-    """The route for a connection a pod made to ``destination`` (its original destination)."""
+def plan_outbound(
+    snapshot: Snapshot, destination: SocketAddress, *, ignore_waypoint: bool = False
+) -> Route:
+    """The route for a connection a pod made to ``destination`` (its original destination).
+
+    ``ignore_waypoint``: the caller *is* the waypoint, forwarding what it was sent.
+    """
     if destination.port in LOOP_GUARD_PORTS:
         return Refused(f"port {destination.port} is ztunnel's own; connecting to it would loop")
     found = snapshot.resolve_destination(destination.ip, destination.port)
@@ -81,7 +86,7 @@ def plan_outbound(snapshot: Snapshot, destination: SocketAddress) -> Route:
     workload, service = found.workload, found.service
     target = SocketAddress.of(workload.addresses[0], found.port)
     gateway = service.waypoint if service is not None and service.waypoint else workload.waypoint
-    if gateway is not None:
+    if gateway is not None and not ignore_waypoint:
         return _via_waypoint(snapshot, gateway, destination, workload, service)
     if workload.tunnel_protocol is not TunnelProtocol.HBONE:
         return Passthrough(target, workload, service)

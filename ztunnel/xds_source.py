@@ -426,9 +426,12 @@ class XdsSource:
         backoff: Backoff | None = None,
     ) -> None:
         host, colon, port = address.rpartition(":")
-        if not colon or not host.strip("[]") or not port.isdigit() or not 0 < int(port) <= 65535:
+        local = address.startswith("unix:") and len(address) > len("unix:")
+        bad_port = not port.isdigit() or not 0 < int(port) <= 65535
+        if not local and (not colon or not host.strip("[]") or bad_port):
             raise XdsSourceError(
-                f"the control-plane address {address!r} must be <host>:<port> ([v6]:port for IPv6)"
+                f"the control-plane address {address!r} must be <host>:<port> ([v6]:port for "
+                "IPv6) or unix:<path> (a local relay)"
             )
         if token is not None and tls is None:
             raise XdsSourceError(

@@ -14,7 +14,8 @@ Owns everything the interop tests need to put a real Envoy (from the
   failure.
 - Bootstrap builders (:func:`bootstrap`, :func:`downstream_tls`,
   :func:`upstream_tls`, :func:`static_cluster`, :func:`http2_options`,
-  :func:`san_matchers`): plain dicts in Envoy's v3 schema, dumped as YAML.
+  :func:`san_matchers`, :func:`file_access_log`): plain dicts in Envoy's v3
+  schema, dumped as YAML; :func:`access_log_entries` reads a JSON access log.
 - :func:`run_envoy`: start Envoy on loopback (admin and listeners on port 0),
   wait until it is ready, hand over an :class:`EnvoyProcess` (real listener
   ports, admin ``GET``, stats), stop it on exit. A failure inside the block
@@ -28,6 +29,12 @@ once the server is LIVE: static clusters initialised, listeners bound) every
 :data:`READY_POLL_INTERVAL` until :data:`STARTUP_TIMEOUT`. Throughout, a
 watcher ends the wait the moment the process exits, and the error carries its
 exit status and log.
+
+:func:`run_envoy_in_netns` runs Envoy inside another network namespace (a lab
+pod, node or the lab's fabric) through ``nsenter``; its admin interface is
+then a Unix socket in the private directory (:class:`NetnsEnvoyProcess`), the
+one address the test reaches from its own netns, and readiness waits for that
+socket to appear instead of the admin address file.
 """
 
 from __future__ import annotations
@@ -39,9 +46,10 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +61,7 @@ from identity.certs import WorkloadCertificate
 from identity.spiffe import SpiffeId
 from underpass.hbone.headers import SocketAddress
 from underpass.hbone.protocol import HboneSettings
-from underpass.inotify import IN_CLOSE_WRITE, IN_MOVED_TO, Inotify
+from underpass.inotify import IN_CLOSE_WRITE, IN_CREATE, IN_MOVED_TO, Inotify
 
 __all__ = [
     "ENVOY_DISTRIBUTION",
@@ -64,13 +72,18 @@ __all__ = [
     "Config",
     "EnvoyError",
     "EnvoyProcess",
+    "NetnsEnvoyProcess",
     "TlsFiles",
+    "access_log_entries",
+    "admin_pipe",
     "bootstrap",
     "downstream_tls",
     "envoy_binary",
+    "file_access_log",
     "http2_options",
     "private_directory",
     "run_envoy",
+    "run_envoy_in_netns",
     "san_matchers",
     "socket_address",
     "static_cluster",
@@ -483,3 +496,160 @@ async def run_envoy(
             raise
     finally:
         await envoy.stop()
+
+
+# -- Envoy in another network namespace ------------------------------------------------------
+
+#: The admin socket's name in an in-netns Envoy's directory.
+ADMIN_SOCKET_NAME = "admin.sock"
+
+
+class _UnixHttpConnection(http.client.HTTPConnection):
+    """``http.client`` over a Unix socket (Envoy's admin ``pipe`` address)."""
+
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(str(self._path))
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class NetnsEnvoyProcess(EnvoyProcess):
+    """An Envoy running in another network namespace (a lab pod's, node's or fabric's).
+
+    Its admin interface listens on a Unix socket in its private directory
+    instead of loopback TCP: a filesystem path is reachable from the test's
+    own netns, a loopback port inside the other netns is not.
+    """
+
+    def __init__(self, process: trio.Process, directory: Path, netns: Path) -> None:
+        super().__init__(process, directory)
+        self.netns = netns
+        self.admin_socket_path = directory / ADMIN_SOCKET_NAME
+
+    async def admin_get(self, target: str, *, timeout: float = 5.0) -> tuple[int, bytes]:
+        """``GET target`` on the admin socket: (status, body), in a worker thread."""
+
+        def get() -> tuple[int, bytes]:
+            connection = _UnixHttpConnection(self.admin_socket_path, timeout)
+            try:
+                connection.request("GET", target)
+                response = connection.getresponse()
+                return response.status, response.read()
+            finally:
+                connection.close()
+
+        return await trio.to_thread.run_sync(get)
+
+    async def _wait_admin_address(self) -> None:
+        # Envoy creates the socket once its admin listener is bound; the watch is
+        # added before the first look, so a creation in between is not missed.
+        with Inotify() as inotify:
+            inotify.add_watch(self.directory, IN_CREATE | IN_MOVED_TO)
+            while not self.admin_socket_path.exists():
+                await inotify.read_events()
+
+
+def admin_pipe(path: Path) -> Config:
+    """The bootstrap's ``admin`` section for an admin interface on Unix socket ``path``."""
+    return {"address": {"pipe": {"path": str(path), "mode": 0o600}}}
+
+
+@contextlib.asynccontextmanager
+async def run_envoy_in_netns(
+    config: Config,
+    directory: Path,
+    netns: Path,
+    *,
+    startup_timeout: float = STARTUP_TIMEOUT,
+    concurrency: int = 1,
+) -> AsyncIterator[NetnsEnvoyProcess]:
+    """Run Envoy inside network namespace ``netns`` (a path such as ``/run/netns/x``).
+
+    As :func:`run_envoy`, except that Envoy is started through ``nsenter
+    --net`` (which execs it: the process is Envoy itself, signals reach it)
+    and that ``config``'s admin section is replaced by a Unix socket in
+    ``directory`` (see :class:`NetnsEnvoyProcess`). Listener addresses are
+    addresses of that netns.
+    """
+    binary = envoy_binary()
+    nsenter = shutil.which("nsenter")
+    if nsenter is None:
+        raise EnvoyError("running Envoy in a network namespace needs `nsenter` (util-linux)")
+    config = {**config, "admin": admin_pipe(directory / ADMIN_SOCKET_NAME)}
+    config_path = directory / "envoy.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    command = [
+        nsenter,
+        f"--net={netns}",
+        "--",
+        str(binary),
+        "--config-path",
+        str(config_path),
+        "--log-path",
+        str(directory / "envoy.log"),
+        "--log-level",
+        "info",
+        "--component-log-level",
+        _COMPONENT_LOG_LEVELS,
+        "--concurrency",
+        str(concurrency),
+        "--disable-hot-restart",
+    ]
+    output = os.open(directory / "envoy.out", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        process = await trio.lowlevel.open_process(
+            command, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT
+        )
+    except OSError as exc:
+        raise EnvoyError(f"cannot execute {nsenter} {binary}: {exc}") from exc
+    finally:
+        os.close(output)
+    envoy = NetnsEnvoyProcess(process, directory, netns)
+    try:
+        await envoy.wait_ready(startup_timeout)
+        try:
+            yield envoy
+        except Exception as exc:
+            await envoy.stop()
+            exc.add_note(envoy.describe())
+            raise
+    finally:
+        await envoy.stop()
+
+
+# -- access logs ---------------------------------------------------------------------------------
+
+
+def file_access_log(path: Path, fields: Mapping[str, str]) -> Config:
+    """An access log (for ``tcp_proxy`` or the HTTP connection manager): one JSON object a line.
+
+    ``fields`` maps keys to command operators (``%UPSTREAM_HOST%``) or literal
+    text. Envoy buffers the file and flushes it on a timer and at exit: read it
+    with :func:`access_log_entries` once Envoy has stopped.
+    """
+    return {
+        "name": "envoy.access_loggers.file",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": str(path),
+            "log_format": {"json_format": dict(fields)},
+        },
+    }
+
+
+def access_log_entries(path: Path) -> list[dict[str, Any]]:
+    """The entries of a :func:`file_access_log` (none if Envoy never wrote the file)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -169,6 +169,18 @@ def register(sub: Any) -> None:
     rm.add_argument("pod", help="namespace/name")
     rm.set_defaults(func=_guard(_cmd_delete_pod))
 
+    zm = lab_sub.add_parser(
+        "ztunnel-mode",
+        parents=[common, out],
+        help="run the nodes' ztunnels shared (mode 2) or per service account (mode 3)",
+        description="Restart ztunnel on every node (or --node) in the given mode; the mode "
+        "is kept for later `lab up` runs. service-account: a supervisor that holds no "
+        "workload key and a worker process per service account with pods on the node.",
+    )
+    zm.add_argument("mode", choices=("shared", "service-account"))
+    zm.add_argument("--node", action="append", help="only this node (repeatable)")
+    zm.set_defaults(func=_guard(_cmd_ztunnel_mode))
+
     app = lab_sub.add_parser(
         "app", help="the sample app: echo servers and clients (run them with `lab exec`)"
     )
@@ -468,6 +480,19 @@ def _cmd_add_pod(args: argparse.Namespace) -> int:
             f"pod/{name} created in namespace {namespace} on {outcome.pod.node} with IP "
             f"{outcome.pod.ip} (CNI ADD {outcome.cni_add_ms} ms)"
         )
+    return 0
+
+
+def _cmd_ztunnel_mode(args: argparse.Namespace) -> int:
+    import trio
+
+    lab = _lab(args)
+    actions = trio.run(lab.set_ztunnel_mode, args.mode, args.node)
+    if args.json:
+        _print_json(actions)
+    else:
+        for node, action in actions.items():
+            print(f"ztunnel on {node}: {args.mode} ({action})")
     return 0
 
 

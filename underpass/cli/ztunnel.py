@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -64,8 +65,8 @@ def register(sub: Any) -> None:
         "--ca-root-cert",
         type=Path,
         metavar="FILE",
-        required=True,
-        help="root certificate(s) that sign the CA's and control plane's serving certificate",
+        help="root certificate(s) that sign the CA's and control plane's serving certificate "
+        "(required, except for a per-service-account worker)",
     )
     identity.add_argument(
         "--token-file",
@@ -100,6 +101,35 @@ def register(sub: Any) -> None:
         help="how long connections may finish when a pod leaves or ztunnel stops "
         "(default: %(default)s)",
     )
+    modes = p.add_argument_group("deployment modes (default: shared, one ztunnel per node)")
+    modes.add_argument(
+        "--isolation",
+        choices=("shared", "service-account"),
+        default="shared",
+        help="service-account: a supervisor that holds no workload key and starts one "
+        "worker process per service account on the node, each holding only that key "
+        "(mode 3)",
+    )
+    modes.add_argument(
+        "--dedicated",
+        metavar="NS/POD",
+        help="serve only the pod whose network namespace this process runs in, as its own "
+        "proxy (mode 1: a sidecar), with the pod's own token (--token-file)",
+    )
+    modes.add_argument(
+        "--service-account",
+        default="default",
+        help="with --dedicated: the pod's service account (default: %(default)s)",
+    )
+    modes.add_argument(
+        "--waypoint-stand-in",
+        action="store_true",
+        help="with --dedicated: act as a plain L4 waypoint (mode 4 until the L7 waypoint "
+        "exists): tunnels arriving on 15008 are forwarded to their authority over HBONE",
+    )
+    p.add_argument("--worker-identity", help=argparse.SUPPRESS)
+    p.add_argument("--worker-zds-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--worker-signer-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--pod-name", default=env("POD_NAME", "ztunnel"), help=argparse.SUPPRESS)
     p.add_argument(
         "--pod-namespace", default=env("POD_NAMESPACE", "istio-system"), help=argparse.SUPPRESS
@@ -133,52 +163,117 @@ def _token_reader(path: Path) -> Callable[[], str]:
     return read
 
 
+def _worker_base_argv(args: argparse.Namespace) -> list[str]:
+    """How a mode-3 supervisor starts its workers: this program, the node's settings,
+    no credential (the supervisor adds the state source and the worker's sockets)."""
+    return [
+        sys.executable,
+        "-m",
+        "underpass.cli.main",
+        "--log-format",
+        "json",
+        "ztunnel",
+        "--node",
+        args.node,
+        "--trust-domain",
+        args.trust_domain,
+        "--cluster-id",
+        args.cluster_id,
+        "--drain-timeout",
+        str(args.drain_timeout),
+        "--pod-name",
+        args.pod_name,
+        "--pod-namespace",
+        args.pod_namespace,
+        "--pod-ip",
+        args.pod_ip,
+        "--token-file",
+        os.devnull,
+    ]
+
+
 def run(args: argparse.Namespace) -> int:
     import structlog
     import trio
 
-    from ztunnel.app import CaSettings, XdsSettings, ZtunnelConfig, run_ztunnel
+    from identity.spiffe import SpiffeId
+    from underpass.zds import WorkloadInfo
+    from ztunnel.app import CaSettings, WorkerSettings, XdsSettings, ZtunnelConfig, run_ztunnel
     from ztunnel.pod import ProxySettings
 
     log = structlog.get_logger("ztunnel")
     if (args.xds_address is None) == (args.local_config is None):
         log.error("give exactly one state source: --xds-address or --local-config")
         return 2
-    ca_address = args.ca_address or args.xds_address
-    if ca_address is None:
-        log.error("--ca-address is needed with --local-config (the pods' certificates)")
+    worker = None
+    if args.worker_identity is not None:
+        worker = WorkerSettings(
+            SpiffeId.parse(args.worker_identity), args.worker_zds_fd, args.worker_signer_fd
+        )
+    dedicated = None
+    if args.dedicated is not None:
+        namespace, slash, name = args.dedicated.partition("/")
+        if not slash or not namespace or not name:
+            log.error("--dedicated takes NS/POD", got=args.dedicated)
+            return 2
+        dedicated = WorkloadInfo(name, namespace, args.service_account)
+    if args.waypoint_stand_in and dedicated is None:
+        log.error("--waypoint-stand-in runs as a dedicated proxy: give --dedicated NS/POD too")
         return 2
-    try:
-        root_pem = args.ca_root_cert.read_bytes()
-    except OSError as exc:
-        log.error("cannot read --ca-root-cert", path=str(args.ca_root_cert), error=exc.strerror)
-        return 1
+    ca_address = args.ca_address or args.xds_address
+    root_pem = b""
+    ca = None
+    if worker is None:
+        if ca_address is None:
+            log.error("--ca-address is needed with --local-config (the pods' certificates)")
+            return 2
+        if args.ca_root_cert is None:
+            log.error("--ca-root-cert is required")
+            return 2
+        try:
+            root_pem = args.ca_root_cert.read_bytes()
+        except OSError as exc:
+            log.error("cannot read --ca-root-cert", path=str(args.ca_root_cert), error=exc.strerror)
+            return 1
     token = _token_reader(args.token_file)
+    if worker is None:
+        ca = CaSettings(ca_address, root_pem, token, server_name=args.server_name)
     xds = None
     if args.xds_address is not None:
+        plaintext = args.xds_plaintext or worker is not None
         xds = XdsSettings(
             address=args.xds_address,
-            root_pem=None if args.xds_plaintext else root_pem,
-            token=None if args.xds_plaintext else token,
+            root_pem=None if plaintext else root_pem,
+            token=None if plaintext else token,
             server_name=args.server_name,
             pod_name=args.pod_name,
             pod_namespace=args.pod_namespace,
             pod_ip=args.pod_ip,
         )
+    endpoints_on = worker is None
     config = ZtunnelConfig(
         proxy=ProxySettings(
             node=args.node,
             cluster=args.cluster_id,
             trust_domain=args.trust_domain,
             drain_timeout=args.drain_timeout,
+            waypoint_stand_in=args.waypoint_stand_in,
         ),
         zds_socket=args.zds_socket,
         local_config=args.local_config,
         xds=xds,
-        ca=CaSettings(ca_address, root_pem, token, server_name=args.server_name),
-        admin_address=_host_port(args.admin_address, "--admin-address"),
-        metrics_address=_host_port(args.metrics_address, "--metrics-address"),
-        readiness_address=_host_port(args.readiness_address, "--readiness-address"),
+        ca=ca,
+        admin_address=_host_port(args.admin_address, "--admin-address") if endpoints_on else None,
+        metrics_address=(
+            _host_port(args.metrics_address, "--metrics-address") if endpoints_on else None
+        ),
+        readiness_address=(
+            _host_port(args.readiness_address, "--readiness-address") if endpoints_on else None
+        ),
+        isolation=args.isolation,
+        worker_base_argv=tuple(_worker_base_argv(args)),
+        worker=worker,
+        dedicated=dedicated,
     )
 
     async def main() -> None:

@@ -918,6 +918,24 @@ class Lab:
             raise LabError("; ".join(sorted(errors)))
         return dict(sorted(actions.items()))
 
+    async def set_ztunnel_mode(
+        self, mode: str, only: Sequence[str] | None = None
+    ) -> dict[str, str]:
+        """Restart the ztunnels of the nodes (all, or ``only``) in ``mode``; node -> action."""
+        cfg = self.config()
+        if not cfg.mesh:
+            raise LabError("this lab runs without the mesh (--no-mesh): there is no ztunnel")
+        nodes = sorted(self.registry.snapshot().nodes.values(), key=lambda n: n.name)
+        if only:
+            unknown = set(only) - {n.name for n in nodes}
+            if unknown:
+                raise LabError(f"no such node: {', '.join(sorted(unknown))}")
+            nodes = [n for n in nodes if n.name in only]
+        actions: dict[str, str] = {}
+        for node in nodes:
+            actions[node.name] = await mesh.set_ztunnel_mode(self.paths, cfg, node, mode)
+        return actions
+
     async def down(self, prefix: str | None = None) -> dict[str, Any]:
         """Remove every netns, link, process and file of the lab; idempotent."""
         started = time.perf_counter()

@@ -35,7 +35,7 @@ import structlog
 
 from underpass.lab import procs
 from underpass.lab.errors import LabError
-from underpass.lab.registry import LabConfig, LabPaths, Node
+from underpass.lab.registry import LabConfig, LabPaths, Node, Pod
 
 CONTROL_PLANE_KEY: Final = "controlplane"
 XDS_PORT: Final = 15012
@@ -73,6 +73,38 @@ def ztunnel_log(paths: LabPaths, node: str) -> Path:
     return paths.logs_dir / f"ztunnel.{node}.log"
 
 
+#: glibc gives each thread that allocates its own malloc arena; ztunnel's few
+#: threads (gRPC, the CA client) would each keep one. Two arenas are plenty.
+PROXY_ENV: Final = {"MALLOC_ARENA_MAX": "2"}
+
+#: How a node's ztunnel runs: ``shared`` (mode 2) or ``service-account`` (mode 3).
+ZTUNNEL_MODES: Final = ("shared", "service-account")
+
+
+def ztunnel_mode_path(paths: LabPaths, node: str) -> Path:
+    return paths.node_dir(node) / "ztunnel-mode"
+
+
+def ztunnel_mode(paths: LabPaths, node: str) -> str:
+    """The node's ztunnel mode, as last set (``shared`` unless set otherwise)."""
+    try:
+        mode = ztunnel_mode_path(paths, node).read_text().strip()
+    except FileNotFoundError:
+        return "shared"
+    if mode not in ZTUNNEL_MODES:
+        raise LabError(f"{ztunnel_mode_path(paths, node)} says {mode!r}: not a ztunnel mode")
+    return mode
+
+
+async def set_ztunnel_mode(paths: LabPaths, cfg: LabConfig, node: Node, mode: str) -> str:
+    """Restart the node's ztunnel in ``mode`` (kept for later ``lab up`` runs)."""
+    if mode not in ZTUNNEL_MODES:
+        raise LabError(f"unknown ztunnel mode {mode!r}; one of {', '.join(ZTUNNEL_MODES)}")
+    ztunnel_mode_path(paths, node.name).write_text(mode + "\n")
+    await stop_ztunnel(paths, node.name)
+    return await ensure_ztunnel(paths, cfg, node)
+
+
 def control_plane_address(cfg: LabConfig) -> str:
     return f"{cfg.fabric_ip}:{XDS_PORT}"
 
@@ -91,9 +123,18 @@ def _write_private(path: Path, text: str) -> None:
         raise
 
 
+def _token_entries(paths: LabPaths) -> list[dict[str, str]]:
+    try:
+        entries: list[dict[str, str]] = json.loads(tokens_path(paths).read_text())
+    except FileNotFoundError:
+        return []
+    return entries
+
+
 def write_tokens(paths: LabPaths, nodes: list[Node]) -> None:
-    """One fresh token per node's ztunnel: its own file, and the CA's token table."""
-    entries = []
+    """One fresh token per node's ztunnel: its own file, and the CA's token table
+    (tokens of sidecars already in the table are kept)."""
+    entries = [e for e in _token_entries(paths) if e["namespace"] != NODE_AGENT_NAMESPACE]
     for node in nodes:
         token = secrets.token_urlsafe(32)
         _write_private(ztunnel_token_path(paths, node.name), token + "\n")
@@ -163,6 +204,8 @@ def ztunnel_argv(paths: LabPaths, cfg: LabConfig, node: Node) -> list[str]:
         node.underlay_ip,
         "--drain-timeout",
         "5",
+        "--isolation",
+        ztunnel_mode(paths, node.name),
         "--ready-fd",
         str(procs.READY_FD),
     ]
@@ -212,12 +255,121 @@ async def ensure_ztunnel(paths: LabPaths, cfg: LabConfig, node: Node) -> str:
         paths.procs_dir,
         key,
         ztunnel_argv(paths, cfg, node),
+        env=PROXY_ENV,
         netns_path=node.netns,
         log_path=log_path,
         ready_timeout=ZTUNNEL_READY_TIMEOUT,
     )
     log.info("lab.ztunnel.started", node=node.name, pid=started.pid, log=str(log_path))
     return "restarted" if record is not None else "started"
+
+
+# -- sidecars (mode 1 with our own proxy; mode 4's waypoint stand-in) ----------------------
+
+
+def sidecar_key(pod: Pod) -> str:
+    return f"sidecar.{pod.namespace}.{pod.name}"
+
+
+def sidecar_token_path(paths: LabPaths, pod: Pod) -> Path:
+    return paths.node_dir(pod.node) / f"{sidecar_key(pod)}.token"
+
+
+def _add_pod_token(paths: LabPaths, pod: Pod) -> None:
+    """A token for the pod itself in the CA's table (it asks for its own identity)."""
+    token = secrets.token_urlsafe(32)
+    _write_private(sidecar_token_path(paths, pod), token + "\n")
+    entries = [
+        e
+        for e in _token_entries(paths)
+        if not (e["namespace"] == pod.namespace and e["pod"] == pod.name)
+    ]
+    entries.append(
+        {
+            "token": token,
+            "namespace": pod.namespace,
+            "service_account": pod.service_account,
+            "pod": pod.name,
+            "node": pod.node,
+        }
+    )
+    _write_private(tokens_path(paths), json.dumps(entries, indent=2))
+
+
+def sidecar_argv(
+    paths: LabPaths, cfg: LabConfig, pod: Pod, *, waypoint_stand_in: bool = False
+) -> list[str]:
+    argv = [
+        sys.executable,
+        "-m",
+        "underpass.cli.main",
+        "--log-format",
+        "json",
+        "ztunnel",
+        "--node",
+        pod.node,
+        "--dedicated",
+        f"{pod.namespace}/{pod.name}",
+        "--service-account",
+        pod.service_account,
+        "--xds-address",
+        control_plane_address(cfg),
+        "--ca-root-cert",
+        str(root_cert_path(paths)),
+        "--token-file",
+        str(sidecar_token_path(paths, pod)),
+        "--pod-name",
+        pod.name,
+        "--pod-namespace",
+        pod.namespace,
+        "--pod-ip",
+        pod.ip or "127.0.0.1",
+        "--admin-address",
+        "127.0.0.1:15000",
+        "--metrics-address",
+        "127.0.0.1:15020",
+        "--readiness-address",
+        "127.0.0.1:15021",
+        "--drain-timeout",
+        "5",
+        "--ready-fd",
+        str(procs.READY_FD),
+    ]
+    if waypoint_stand_in:
+        argv.append("--waypoint-stand-in")
+    return argv
+
+
+async def ensure_sidecar(
+    paths: LabPaths, cfg: LabConfig, pod: Pod, *, waypoint_stand_in: bool = False
+) -> str:
+    """Our own proxy inside ``pod``'s netns, serving only that pod, with its own token.
+
+    The pod must be captured by the agent (its namespace enrolled) for traffic
+    to reach it, and its node's ztunnel must not serve it too: run sidecars on
+    nodes whose ztunnel is stopped (:func:`stop_ztunnel`).
+    """
+    key = sidecar_key(pod)
+    record = procs.read_record(paths.procs_dir, key)
+    if record is not None and procs.is_alive(record):
+        return "running"
+    if record is not None:
+        await procs.stop(paths.procs_dir, key)
+    _add_pod_token(paths, pod)
+    await procs.spawn(
+        paths.procs_dir,
+        key,
+        sidecar_argv(paths, cfg, pod, waypoint_stand_in=waypoint_stand_in),
+        env=PROXY_ENV,
+        netns_path=pod.netns,
+        log_path=paths.logs_dir / f"{key}.log",
+        ready_timeout=ZTUNNEL_READY_TIMEOUT,
+    )
+    return "started" if record is None else "restarted"
+
+
+async def stop_sidecar(paths: LabPaths, pod: Pod) -> bool:
+    return await procs.stop(paths.procs_dir, sidecar_key(pod), timeout=10.0)
 
 
 async def stop_ztunnel(paths: LabPaths, node: str) -> bool:
@@ -231,5 +383,6 @@ def state(paths: LabPaths, node: str) -> dict[str, Any]:
     return {
         "running": running,
         "pid": record.pid if record is not None and running else None,
+        "mode": ztunnel_mode(paths, node),
         "log": str(ztunnel_log(paths, node)),
     }
