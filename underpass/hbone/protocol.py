@@ -313,6 +313,34 @@ def _status_of(headers: list[Header]) -> int | None:
 # -- the connection -------------------------------------------------------------
 
 
+class _H2Connection(h2.connection.H2Connection):
+    """h2's connection, except that a graceful GOAWAY (``NO_ERROR``) leaves it open.
+
+    h2 moves its state machine to CLOSED on any GOAWAY and drops what was
+    queued to send. Frames that follow a graceful GOAWAY in the same read
+    (DATA of the streams it lets finish, RFC 9113 section 6.8) would then be
+    protocol errors and reset every stream. Here the state is put back to
+    open at once, while the read is still being parsed, and nothing queued
+    is dropped; a GOAWAY with an error code behaves as in h2.
+    """
+
+    def _receive_goaway_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
+        if frame.error_code != ErrorCodes.NO_ERROR:
+            result: tuple[list[Any], list[Any]] = super()._receive_goaway_frame(frame)
+            return result
+        state = self.state_machine.state
+        events: list[Any] = self.state_machine.process_input(
+            h2.connection.ConnectionInputs.RECV_GOAWAY
+        )
+        self.state_machine.state = state
+        terminated = h2.events.ConnectionTerminated()
+        terminated.error_code = ErrorCodes.NO_ERROR
+        terminated.last_stream_id = frame.last_stream_id
+        terminated.additional_data = frame.additional_data or None
+        events.append(terminated)
+        return [], events
+
+
 class HboneConnection:
     """What client and server share: settings, flow control, keepalive, GOAWAY."""
 
@@ -320,7 +348,7 @@ class HboneConnection:
 
     def __init__(self, settings: HboneSettings | None = None) -> None:
         self.settings = settings if settings is not None else HboneSettings()
-        self._h2 = h2.connection.H2Connection(
+        self._h2 = _H2Connection(
             h2.config.H2Configuration(client_side=self.client_side, header_encoding=None)
         )
         self._streams: dict[int, _Stream] = {}

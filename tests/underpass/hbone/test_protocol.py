@@ -717,6 +717,25 @@ def test_server_drain_lets_streams_finish() -> None:
     assert client_events == [DataReceived(stream_id, b"me too")]
 
 
+def test_data_in_the_same_read_as_a_graceful_goaway_is_delivered() -> None:
+    """h2 closes its state machine on any GOAWAY; DATA right behind a graceful one
+    (one read) must still reach the tunnel, not reset the connection."""
+    pair = Pair()
+    stream_id = open_tunnel(pair)
+    pair.server.start_draining()
+    pair.server.send_data(stream_id, b"echo")
+    events = pair.client.receive_data(pair.server.data_to_send())
+    assert events == [
+        ConnectionEnded(0, stream_id, remote=True, graceful=True),
+        DataReceived(stream_id, b"echo"),
+    ]
+    assert not pair.client.closed
+    # and our side can still send on that stream (nothing queued was dropped)
+    pair.client.send_data(stream_id, b"reply")
+    _, server_events = pair.pump()
+    assert server_events == [DataReceived(stream_id, b"reply")]
+
+
 def test_streams_above_the_goaway_are_refused() -> None:
     pair = Pair()
     first = open_tunnel(pair)
