@@ -7,9 +7,9 @@ import sys
 from collections.abc import Sequence
 
 from underpass import __version__, log
-from underpass.cli import ca, cni_agent, demo, discovery, lab, zc, ztunnel
+from underpass.cli import ca, cni_agent, compare, demo, discovery, lab, zc, ztunnel
 
-COMMAND_MODULES = (ca, demo, cni_agent, lab, discovery, ztunnel, zc)
+COMMAND_MODULES = (ca, demo, cni_agent, lab, discovery, ztunnel, zc, compare)
 
 
 def build_parser() -> argparse.ArgumentParser:
