@@ -61,6 +61,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.ca_issuance
 	$(BIN)/python -m bench.hbone_relay
 	$(BIN)/python -m bench.discovery_push
+	$(BIN)/python -m bench.ztunnel_lab
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info

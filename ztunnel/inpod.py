@@ -33,6 +33,7 @@ import errno
 import os
 import socket
 import struct
+import threading
 from dataclasses import dataclass
 from typing import Final
 
@@ -160,18 +161,27 @@ class PodNetns:
         return sock
 
     def _create(self, family: socket.AddressFamily) -> socket.socket:
-        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        own = _home_netns()
         try:
-            try:
-                netns.setns(self.fd)
-            except OSError as exc:
-                raise InpodError(f"cannot enter the pod netns: {exc}") from exc
-            try:
-                return socket.socket(family, socket.SOCK_STREAM)
-            finally:
-                _return_home(own)
+            netns.setns(self.fd)
+        except OSError as exc:
+            raise InpodError(f"cannot enter the pod netns: {exc}") from exc
+        try:
+            return socket.socket(family, socket.SOCK_STREAM)
         finally:
-            os.close(own)
+            _return_home(own)
+
+
+_home = threading.local()
+
+
+def _home_netns() -> int:
+    """The calling thread's own netns, opened once per thread (not once per connection)."""
+    fd: int | None = getattr(_home, "fd", None)
+    if fd is None:
+        fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        _home.fd = fd
+    return fd
 
 
 def _return_home(own: int) -> None:
