@@ -29,6 +29,13 @@ class DiscoveryMetrics:
             ["type_url"],
             registry=registry,
         )
+        self.auth_refused = Counter(
+            "underpass_xds_auth_refused",
+            "Delta ADS calls refused on the TLS port (no or bad token, node of another "
+            "namespace, authenticator unavailable), by reason",
+            ["reason"],
+            registry=registry,
+        )
         self.protocol_errors = Counter(
             "underpass_xds_protocol_errors",
             "Streams ended because the client broke the protocol",
@@ -49,6 +56,12 @@ class DiscoveryMetrics:
             "underpass_discovery_translate_seconds",
             "Time to translate the model and prepare a snapshot",
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+            registry=registry,
+        )
+        self.translated = Counter(
+            "underpass_discovery_translated",
+            "Pods and services translated (again) because a change affected them, by kind",
+            ["kind"],
             registry=registry,
         )
         self.unsupported = Counter(

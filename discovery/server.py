@@ -4,7 +4,13 @@
   one wakes every stream once (a stream already woken is not queued twice, and
   always reads the latest snapshot: bursts coalesce per client).
 - :class:`XdsService`: ``envoy.service.discovery.v3.AggregatedDiscoveryService/
-  DeltaAggregatedResources`` for any number of clients. Each stream is one
+  DeltaAggregatedResources`` for any number of clients. On the TLS port a
+  call is served only once its bearer token is authenticated and its node is
+  of the caller's namespace (:mod:`discovery.xdsauth`; the authenticator runs
+  in a worker thread, a refusal ends the call with UNAUTHENTICATED,
+  PERMISSION_DENIED or UNAVAILABLE and is counted in
+  ``underpass_xds_auth_refused_total``); the plaintext port is not
+  authenticated (tokens never travel in clear). Each stream is one
   task driving a :class:`~underpass.xds.server.DeltaServerStream` from one
   queue that carries the client's requests and the hub's wake-ups. Nothing is
   sent before the first snapshot exists. A NACK is logged and counted in
@@ -15,8 +21,10 @@
 - :class:`DiscoveryServer`: one control-plane program: grpc.aio servers on a
   dedicated event-loop thread, TLS on 15012 (serving certificate issued by the
   in-process CA; the CA's ``IstioCertificateService`` on the same server when
-  a :class:`~identity.server.CaServicer` is given) and plaintext xDS on 15010
-  only when asked (never the CA: bearer tokens do not travel in clear), the
+  a :class:`~identity.server.CaServicer` is given; xDS clients authenticated
+  with the CA's authenticator unless another is given, and TLS is not served
+  without one) and plaintext xDS on 15010 only when asked (never the CA:
+  bearer tokens do not travel in clear; xDS there is unauthenticated), the
   :class:`~discovery.pipeline.Pipeline` and the registry feeding it. ``start()``
   / ``stop()`` from any thread, like :class:`identity.server.CaServer`.
 """
@@ -50,6 +58,8 @@ from discovery.pipeline import (
 )
 from discovery.registry import Registry
 from discovery.translate import TranslateConfig
+from discovery.xdsauth import INTERNAL, XdsAuthRefused, authenticate_call, check_node
+from identity.auth import Authenticator, Caller
 from identity.ca import CertificateAuthority
 from identity.proto import ca_pb2_grpc
 from identity.server import CaServicer, split_host_port
@@ -82,6 +92,10 @@ SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.http2.max_pings_without_data", 0),
     # initial_resource_versions of a large cluster.
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    # When hundreds of proxies (re)connect at once, the loop is busy sending their
+    # initial state and new calls wait to be picked up; gRPC's default cancels those
+    # after 30 s, which only makes them come back later. Let them wait.
+    ("grpc.server_max_unrequested_time_in_server", 600),
 )
 
 _SNAPSHOT = object()
@@ -130,29 +144,114 @@ class SnapshotHub:
 
 
 class XdsService:
-    """The Delta ADS servicer (see the module docstring)."""
+    """The Delta ADS servicer (see the module docstring).
 
-    def __init__(self, hub: SnapshotHub, metrics: DiscoveryMetrics) -> None:
+    ``authenticator`` checks the callers of :meth:`authenticated_handler` (the
+    TLS port); :meth:`open_handler` (the plaintext port) checks nobody.
+    """
+
+    def __init__(
+        self,
+        hub: SnapshotHub,
+        metrics: DiscoveryMetrics,
+        *,
+        authenticator: Authenticator | None = None,
+        auth_workers: int = 8,
+    ) -> None:
         self.hub = hub
         self.metrics = metrics
+        self.authenticator = authenticator
+        self._auth_workers = auth_workers
+        self._auth_executor: futures.ThreadPoolExecutor | None = None
 
-    def generic_handler(self) -> grpc.GenericRpcHandler[Any, Any]:
+    def authenticated_handler(self) -> grpc.GenericRpcHandler[Any, Any]:
+        """The method for the TLS port: every call authenticated."""
+        if self.authenticator is None:
+            raise DiscoveryConfigError(
+                "serving xDS over TLS needs an authenticator for the clients' bearer tokens"
+            )
+        return self._handler(self.delta_aggregated_resources)
+
+    def open_handler(self) -> grpc.GenericRpcHandler[Any, Any]:
+        """The method for the plaintext port: nobody is authenticated."""
+        return self._handler(self.delta_aggregated_resources_unauthenticated)
+
+    @staticmethod
+    def _handler(behaviour: Any) -> grpc.GenericRpcHandler[Any, Any]:
         handler = grpc.stream_stream_rpc_method_handler(
-            self.delta_aggregated_resources,
+            behaviour,
             request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
             # Responses are written as pre-encoded bytes.
         )
         return grpc.method_handlers_generic_handler(ADS_SERVICE, {DELTA_METHOD: handler})
+
+    def close(self) -> None:
+        """Stop the authentication threads (a later call starts new ones)."""
+        executor, self._auth_executor = self._auth_executor, None
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
 
     async def delta_aggregated_resources(
         self,
         requests: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
         context: grpc.aio.ServicerContext[discovery_pb2.DeltaDiscoveryRequest, bytes],
     ) -> None:
-        peer = context.peer()
+        """An authenticated call (the TLS port)."""
+        log = _log.bind(peer=context.peer())
+        try:
+            caller = await self._authenticate(context)
+        except XdsAuthRefused as exc:
+            await self._refuse(context, exc, log)
+            return
+        await self._serve(requests, context, log.bind(caller=caller.identity.uri), caller)
+
+    async def _authenticate(
+        self, context: grpc.aio.ServicerContext[discovery_pb2.DeltaDiscoveryRequest, bytes]
+    ) -> Caller:
+        authenticator = self.authenticator
+        if authenticator is None:  # fail closed, though the handler is not built without one
+            raise XdsAuthRefused(
+                "UNAUTHENTICATED", INTERNAL, "this port has no authenticator configured"
+            )
+        if self._auth_executor is None:
+            self._auth_executor = futures.ThreadPoolExecutor(
+                self._auth_workers, thread_name_prefix="xds-auth"
+            )
+        metadata = tuple(context.invocation_metadata() or ())
+        # In a thread: a TokenReview is a blocking HTTP request.
+        return await asyncio.get_running_loop().run_in_executor(
+            self._auth_executor, authenticate_call, authenticator, metadata
+        )
+
+    async def delta_aggregated_resources_unauthenticated(
+        self,
+        requests: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
+        context: grpc.aio.ServicerContext[discovery_pb2.DeltaDiscoveryRequest, bytes],
+    ) -> None:
+        """A call on the plaintext port: nobody is authenticated there."""
+        await self._serve(requests, context, _log.bind(peer=context.peer()), None)
+
+    async def _refuse(
+        self,
+        context: grpc.aio.ServicerContext[discovery_pb2.DeltaDiscoveryRequest, bytes],
+        refusal: XdsAuthRefused,
+        log: Any,
+    ) -> None:
+        self.metrics.auth_refused.labels(reason=refusal.reason).inc()
+        log.warning(
+            "xds.auth_refused", reason=refusal.reason, code=refusal.status, error=str(refusal)
+        )
+        await context.abort(grpc.StatusCode[refusal.status], str(refusal))
+
+    async def _serve(
+        self,
+        requests: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
+        context: grpc.aio.ServicerContext[discovery_pb2.DeltaDiscoveryRequest, bytes],
+        log: Any,
+        caller: Caller | None,
+    ) -> None:
         stream = DeltaServerStream(nonce_prefix=secrets.token_hex(3) + "-")
         handle = _StreamHandle()
-        log = _log.bind(peer=peer)
 
         async def read() -> None:
             try:
@@ -183,9 +282,15 @@ class XdsService:
                         await context.abort(grpc.StatusCode[exc.grpc_status], str(exc))
                         return
                     for event in events:
-                        self._observe(event, log)
                         if isinstance(event, ClientIdentified):
                             log = log.bind(node_id=event.node.id)
+                            if caller is not None:
+                                try:
+                                    check_node(caller, event.node)
+                                except XdsAuthRefused as exc:
+                                    await self._refuse(context, exc, log)
+                                    return
+                        self._observe(event, log)
                 snapshot = self.hub.current
                 if snapshot is None:
                     continue  # nothing is served before the first snapshot
@@ -259,6 +364,7 @@ class DiscoveryServer:
         config: TranslateConfig | None = None,
         ca: CertificateAuthority | None = None,
         ca_servicer: CaServicer | None = None,
+        xds_authenticator: Authenticator | None = None,
         listen: str | None = DEFAULT_LISTEN,
         plaintext_listen: str | None = None,
         serving_dns_names: Sequence[str] = DEFAULT_SERVING_DNS_NAMES,
@@ -267,6 +373,7 @@ class DiscoveryServer:
         quiet: float = DEFAULT_QUIET,
         max_delay: float = DEFAULT_MAX_DELAY,
         ca_workers: int = 8,
+        incremental_translation: bool = True,
     ) -> None:
         if listen is None and plaintext_listen is None:
             raise DiscoveryConfigError("nothing to serve: give a TLS or a plaintext listen address")
@@ -276,6 +383,13 @@ class DiscoveryServer:
             )
         if ca_servicer is not None and listen is None:
             raise DiscoveryConfigError("the CA is served over TLS only; give a TLS listen address")
+        if xds_authenticator is None and ca_servicer is not None:
+            xds_authenticator = ca_servicer.authenticator  # the CA's callers are the proxies
+        if listen is not None and xds_authenticator is None:
+            raise DiscoveryConfigError(
+                "serving xDS over TLS needs an authenticator for the clients' bearer tokens "
+                "(the CA's, or xds_authenticator); only the plaintext port is unauthenticated"
+            )
         for address in (listen, plaintext_listen):
             if address is not None:
                 try:
@@ -292,9 +406,9 @@ class DiscoveryServer:
         self.serving_ips = tuple(serving_ips)
         self.metrics = DiscoveryMetrics(metrics_registry)
         self.hub = SnapshotHub()
-        self.service = XdsService(self.hub, self.metrics)
+        self.service = XdsService(self.hub, self.metrics, authenticator=xds_authenticator)
         self.pipeline = Pipeline(
-            SnapshotBuilder(self.config, self.metrics),
+            SnapshotBuilder(self.config, self.metrics, incremental=incremental_translation),
             self._publish,
             debouncer=Debouncer(quiet, max_delay),
         )
@@ -417,7 +531,7 @@ class DiscoveryServer:
             try:
                 if self.listen is not None:
                     tls = grpc.aio.server(migration_thread_pool=executor, options=SERVER_OPTIONS)
-                    tls.add_generic_rpc_handlers((self.service.generic_handler(),))
+                    tls.add_generic_rpc_handlers((self.service.authenticated_handler(),))
                     if self.ca_servicer is not None:
                         ca_pb2_grpc.add_IstioCertificateServiceServicer_to_server(
                             self.ca_servicer,
@@ -427,7 +541,7 @@ class DiscoveryServer:
                     servers.append(tls)
                 if self.plaintext_listen is not None:
                     plain = grpc.aio.server(options=SERVER_OPTIONS)
-                    plain.add_generic_rpc_handlers((self.service.generic_handler(),))
+                    plain.add_generic_rpc_handlers((self.service.open_handler(),))
                     self.plaintext_port = self._bind(plain, self.plaintext_listen, None)
                     servers.append(plain)
                 for server in servers:
@@ -458,6 +572,7 @@ class DiscoveryServer:
                 with contextlib.suppress(asyncio.CancelledError):
                     await pipeline_task
             executor.shutdown(wait=True)
+            self.service.close()
             _log.info("discovery.stopped")
 
     @staticmethod

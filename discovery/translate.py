@@ -6,6 +6,14 @@ resources (workloads and services), ``Authorization`` resources, and the
 :class:`~discovery.findings.Finding` values for what could not be honoured.
 No I/O, no clock, no logging: the same model always gives the same resources.
 
+A translation is assembled (:func:`assemble`) from parts: the policies'
+(:func:`translate_policies`), and one :class:`AddressTranslation` per service
+and per pod, made by a :class:`TranslationContext` (the model's indexes).
+Each part carries its own findings and the PeerAuthentication resources it
+refers to, whatever else is translated in the same run, so that
+:mod:`discovery.incremental` can redo only the parts a change affects and
+get the same result.
+
 Pod -> Workload
     uid ``<cluster>//Pod/<ns>/<name>``; IPs as bytes; node; service account;
     trust domain; network; ``tunnel_protocol`` HBONE when the pod is enrolled
@@ -49,9 +57,10 @@ Waypoints
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import re
 import types
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -67,6 +76,7 @@ from discovery.model import (
     TERMINAL_PHASES,
     Gateway,
     Model,
+    ObjectKey,
     Pod,
     Service,
     ServicePort,
@@ -198,20 +208,101 @@ def _app_protocol(port: ServicePort) -> workload_pb2.AppProtocol:
     return _APP_PROTOCOLS.get(port.app_protocol.lower(), workload_pb2.UNKNOWN)
 
 
-class _Translator:
-    """One translation run: indexes of the model, findings, memoised waypoints."""
+@dataclass(frozen=True, slots=True)
+class SelectorPolicy:
+    """A WORKLOAD_SELECTOR Authorization and the workloads it applies to."""
+
+    resource: str
+    #: The namespace whose workloads it selects; None: every namespace (a root-namespace policy).
+    namespace: str | None
+    selector: Mapping[str, str]
+
+    def selects(self, namespace: str, labels: Mapping[str, str]) -> bool:
+        return (self.namespace is None or self.namespace == namespace) and all(
+            labels.get(k) == v for k, v in self.selector.items()
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyTranslation:
+    """The AuthorizationPolicies' share of a translation (they depend on nothing else)."""
+
+    authorizations: Mapping[str, authorization_pb2.Authorization]
+    selector_policies: tuple[SelectorPolicy, ...]
+    waypoint_policies: tuple[str, ...]
+    findings: frozenset[Finding]
+
+
+@dataclass(frozen=True, slots=True)
+class AddressTranslation:
+    """One pod's or service's share of a translation: its Address resource, the findings
+    it caused, and what it looked up beyond its own namespace (so that incremental
+    translation knows when to redo it)."""
+
+    name: str
+    address: workload_pb2.Address
+    findings: frozenset[Finding] = frozenset()
+    #: The PeerAuthentication-derived Authorization resources a workload refers to.
+    authorizations: tuple[tuple[str, authorization_pb2.Authorization], ...] = ()
+    #: The waypoint Gateway (namespace, name) it looked up, if any.
+    gateway: ObjectKey | None = None
+
+
+def translate_policies(model: Model, config: TranslateConfig) -> PolicyTranslation:
+    """Every AuthorizationPolicy of ``model`` -> Authorization resources (and their selectors)."""
+    authorizations: dict[str, authorization_pb2.Authorization] = {}
+    waypoint_policies: list[str] = []
+    selector_policies: list[SelectorPolicy] = []
+    findings: list[Finding] = []
+    for key in sorted(model.authorization_policies):
+        policy = model.authorization_policies[key]
+        resource = authorization_resource_name(policy.namespace, policy.name)
+        translated, found = translate_authorization_policy(policy, config.root_namespace)
+        findings += found
+        if translated is None:
+            if policy.target_refs:
+                waypoint_policies.append(resource)
+            continue
+        authorizations[resource] = translated
+        if translated.scope == authorization_pb2.WORKLOAD_SELECTOR and policy.selector is not None:
+            scope_ns = None if policy.namespace == config.root_namespace else policy.namespace
+            selector_policies.append(SelectorPolicy(resource, scope_ns, policy.selector))
+    return PolicyTranslation(
+        types.MappingProxyType(authorizations),
+        tuple(selector_policies),
+        tuple(waypoint_policies),
+        frozenset(findings),
+    )
+
+
+class TranslationContext:
+    """One model's indexes, shared by the per-object translations of one run.
+
+    Each per-object method returns everything that object contributes (its
+    resource, its findings, the PeerAuthentication resources it refers to), so
+    that the result of translating an object does not depend on which other
+    objects were translated in the same run: what incremental translation
+    (:mod:`discovery.incremental`) relies on.
+    """
 
     def __init__(self, model: Model, config: TranslateConfig) -> None:
         self.model = model
         self.config = config
-        self.findings: list[Finding] = []
-        self.services_by_ns: dict[str, list[Service]] = {}
-        for svc in sorted(model.services.values(), key=lambda s: s.key):
-            self.services_by_ns.setdefault(svc.namespace, []).append(svc)
-        self.peer_authn = PeerAuthnTranslator(
-            index_peer_authentications(model.peer_authentications.values(), config.root_namespace)
+        # namespace -> one (key, value) of a selector -> the services with that selector.
+        # A pod can only be selected by services indexed under one of its own labels.
+        self._selecting: dict[str, dict[tuple[str, str], list[Service]]] = {}
+        for svc in model.services.values():
+            if svc.selector:  # no or an empty selector: no endpoints from pods
+                item = min(svc.selector.items())
+                by_item = self._selecting.setdefault(svc.namespace, {})
+                by_item.setdefault(item, []).append(svc)
+        self.peer_authn_index = index_peer_authentications(
+            model.peer_authentications.values(), config.root_namespace
         )
-        self._waypoints: dict[tuple[str, str, str], workload_pb2.GatewayAddress | None] = {}
+        # (kind, gateway namespace, gateway name) -> (address, findings of the lookup)
+        self._waypoints: dict[
+            tuple[str, str, str], tuple[workload_pb2.GatewayAddress | None, tuple[Finding, ...]]
+        ] = {}
 
     def hostname(self, namespace: str, name: str) -> str:
         return f"{name}.{namespace}.svc.{self.config.domain_suffix}"
@@ -222,9 +313,10 @@ class _Translator:
     # -- waypoints ------------------------------------------------------------
 
     def waypoint(
-        self, kind: str, namespace: str, labels: Mapping[str, str]
-    ) -> workload_pb2.GatewayAddress | None:
-        """The waypoint a workload or service (``kind``) in ``namespace`` with ``labels`` uses."""
+        self, kind: str, namespace: str, labels: Mapping[str, str], findings: list[Finding]
+    ) -> tuple[workload_pb2.GatewayAddress | None, ObjectKey | None]:
+        """The waypoint a workload or service (``kind``) in ``namespace`` with ``labels``
+        uses, and the Gateway it looked up (None: it uses none by its labels)."""
         if USE_WAYPOINT_LABEL in labels:
             name = labels[USE_WAYPOINT_LABEL]
             gw_ns = labels.get(USE_WAYPOINT_NAMESPACE_LABEL) or namespace
@@ -233,21 +325,27 @@ class _Translator:
             name = ns_labels.get(USE_WAYPOINT_LABEL, "")
             gw_ns = ns_labels.get(USE_WAYPOINT_NAMESPACE_LABEL) or namespace
         if not name or name == "none":
-            return None
+            return None, None
         if labels.get(GATEWAY_NAME_LABEL) == name and gw_ns == namespace:
-            return None  # the waypoint itself
+            return None, None  # the waypoint itself
         key = (kind, gw_ns, name)
         if key not in self._waypoints:
-            self._waypoints[key] = self._resolve_waypoint(kind, gw_ns, name)
-        return self._waypoints[key]
+            lookup: list[Finding] = []
+            self._waypoints[key] = (
+                self._resolve_waypoint(kind, gw_ns, name, lookup),
+                tuple(lookup),
+            )
+        address, found = self._waypoints[key]
+        findings += found  # every user of a missing waypoint carries the finding
+        return address, (gw_ns, name)
 
     def _resolve_waypoint(
-        self, kind: str, gw_ns: str, name: str
+        self, kind: str, gw_ns: str, name: str, findings: list[Finding]
     ) -> workload_pb2.GatewayAddress | None:
         gateway = self.model.gateways.get((gw_ns, name))
         if gateway is None or gateway.gateway_class != self.config.waypoint_class:
             what = "does not exist" if gateway is None else "is not of the waypoint class"
-            self.findings.append(
+            findings.append(
                 Finding(
                     "Gateway",
                     gw_ns,
@@ -290,23 +388,29 @@ class _Translator:
 
     # -- services -------------------------------------------------------------
 
-    def addresses(self, kind: str, namespace: str, name: str, ips: tuple[str, ...]) -> list[bytes]:
+    @staticmethod
+    def addresses(
+        kind: str, namespace: str, name: str, ips: tuple[str, ...], findings: list[Finding]
+    ) -> list[bytes]:
         out = []
         for ip in ips:
             try:
                 out.append(_packed(ip))
             except ValueError:
-                self.findings.append(
+                findings.append(
                     Finding(kind, namespace, name, "addresses", INVALID_ADDRESS, f"{ip!r} left out")
                 )
         return out
 
-    def service(self, svc: Service) -> workload_pb2.Service:
-        vips = self.addresses("Service", svc.namespace, svc.name, svc.vips)
+    def service(self, svc: Service) -> AddressTranslation:
+        """Service -> its Address resource."""
+        findings: list[Finding] = []
+        vips = self.addresses("Service", svc.namespace, svc.name, svc.vips, findings)
+        hostname = self.service_hostname(svc)
         out = workload_pb2.Service(
             name=svc.name,
             namespace=svc.namespace,
-            hostname=self.service_hostname(svc),
+            hostname=hostname,
             addresses=[
                 workload_pb2.NetworkAddress(network=self.config.network, address=a) for a in vips
             ],
@@ -332,17 +436,26 @@ class _Translator:
             if v6
             else workload_pb2.AUTOMATIC
         )
-        waypoint = self.waypoint("service", svc.namespace, svc.labels)
+        waypoint, gateway = self.waypoint("service", svc.namespace, svc.labels, findings)
         if waypoint is not None:
             out.waypoint.CopyFrom(waypoint)
-        return out
+        return AddressTranslation(
+            service_resource_name(svc.namespace, hostname),
+            workload_pb2.Address(service=out),
+            frozenset(findings),
+            gateway=gateway,
+        )
 
     def pod_services(self, pod: Pod) -> dict[str, workload_pb2.PortList]:
         named = {p.name: p.port for p in pod.ports if p.name}
         out: dict[str, workload_pb2.PortList] = {}
-        for svc in self.services_by_ns.get(pod.namespace, ()):
-            if svc.selector is None or not svc.selector:
-                continue  # no selector: no endpoints from pods (an empty one selects none too)
+        by_item = self._selecting.get(pod.namespace)
+        if not by_item:
+            return out
+        candidates = {svc.key: svc for item in pod.labels.items() for svc in by_item.get(item, ())}
+        # In key order: when two services share a resource name, the last one wins.
+        for _key, svc in sorted(candidates.items()):
+            assert svc.selector is not None
             if not all(pod.labels.get(k) == v for k, v in svc.selector.items()):
                 continue
             ports = []
@@ -368,16 +481,20 @@ class _Translator:
     # -- workloads ------------------------------------------------------------
 
     def workload(
-        self, pod: Pod, selector_policies: list[tuple[str, str | None, Mapping[str, str]]]
-    ) -> workload_pb2.Workload:
+        self, pod: Pod, selector_policies: Sequence[SelectorPolicy]
+    ) -> AddressTranslation | None:
+        """Pod -> its Workload Address resource; None for a pod that finished."""
+        if pod.phase in TERMINAL_PHASES:
+            return None
         config = self.config
+        findings: list[Finding] = []
         name, wtype = workload_name_and_type(pod)
         enrolled = is_enrolled(pod, self.model.namespace_labels(pod.namespace), config)
         out = workload_pb2.Workload(
             uid=workload_uid(config.cluster_id, pod.namespace, pod.name),
             name=pod.name,
             namespace=pod.namespace,
-            addresses=self.addresses("Pod", pod.namespace, pod.name, pod.ips),
+            addresses=self.addresses("Pod", pod.namespace, pod.name, pod.ips, findings),
             network=config.network,
             tunnel_protocol=workload_pb2.HBONE if enrolled else workload_pb2.NONE,
             trust_domain=config.trust_domain,
@@ -402,67 +519,62 @@ class _Translator:
                 out.locality.CopyFrom(
                     workload_pb2.Locality(region=region, zone=zone, subzone=subzone)
                 )
-        waypoint = self.waypoint("workload", pod.namespace, pod.labels)
+        waypoint, gateway = self.waypoint("workload", pod.namespace, pod.labels, findings)
         if waypoint is not None:
             out.waypoint.CopyFrom(waypoint)
         for key, ports in self.pod_services(pod).items():
             out.services[key].CopyFrom(ports)
-        policies = [
-            resource
-            for resource, namespace, selector in selector_policies
-            if (namespace is None or namespace == pod.namespace)
-            and all(pod.labels.get(k) == v for k, v in selector.items())
-        ]
-        decision = self.peer_authn.decide(pod.namespace, pod.labels)
+        policies = [p.resource for p in selector_policies if p.selects(pod.namespace, pod.labels)]
+        # A translator per workload: the resources and findings it reports are this pod's.
+        peer_authn = PeerAuthnTranslator(self.peer_authn_index)
+        decision = peer_authn.decide(pod.namespace, pod.labels)
         if decision.policy is not None:
             policies.append(decision.policy)
         out.authorization_policies.extend(sorted(set(policies)))
-        return out
+        return AddressTranslation(
+            out.uid,
+            workload_pb2.Address(workload=out),
+            frozenset(findings + peer_authn.findings),
+            tuple(peer_authn.resources.items()),
+            gateway,
+        )
+
+
+def assemble(
+    policies: PolicyTranslation,
+    services: Iterable[AddressTranslation],
+    workloads: Iterable[AddressTranslation],
+) -> Translation:
+    """The translation made of its parts (services first: on a name clash a workload wins)."""
+    addresses: dict[str, workload_pb2.Address] = {}
+    authorizations = dict(policies.authorizations)
+    findings = set(policies.findings)
+    for part in itertools.chain(services, workloads):
+        addresses[part.name] = part.address
+        if part.authorizations:
+            authorizations.update(part.authorizations)
+        if part.findings:
+            findings |= part.findings
+    return Translation(
+        addresses=types.MappingProxyType(addresses),
+        authorizations=types.MappingProxyType(authorizations),
+        findings=tuple(sorted(findings)),
+        waypoint_policies=policies.waypoint_policies,
+    )
 
 
 def translate(model: Model, config: TranslateConfig | None = None) -> Translation:
     """The workload discovery resources of ``model`` (see the module docstring)."""
     config = config or TranslateConfig()
-    t = _Translator(model, config)
-    authorizations: dict[str, authorization_pb2.Authorization] = {}
-    waypoint_policies: list[str] = []
-    # (resource name, namespace it selects in or None for every namespace, selector)
-    selector_policies: list[tuple[str, str | None, Mapping[str, str]]] = []
-    for key in sorted(model.authorization_policies):
-        policy = model.authorization_policies[key]
-        resource = authorization_resource_name(policy.namespace, policy.name)
-        translated, findings = translate_authorization_policy(policy, config.root_namespace)
-        t.findings += findings
-        if translated is None:
-            if policy.target_refs:
-                waypoint_policies.append(resource)
-            continue
-        authorizations[resource] = translated
-        if translated.scope == authorization_pb2.WORKLOAD_SELECTOR and policy.selector is not None:
-            scope_ns = None if policy.namespace == config.root_namespace else policy.namespace
-            selector_policies.append((resource, scope_ns, policy.selector))
-
-    addresses: dict[str, workload_pb2.Address] = {}
-    for key in sorted(model.services):
-        svc = model.services[key]
-        addresses[service_resource_name(svc.namespace, t.service_hostname(svc))] = (
-            workload_pb2.Address(service=t.service(svc))
-        )
-    for key in sorted(model.pods):
-        pod = model.pods[key]
-        if pod.phase in TERMINAL_PHASES:
-            continue
-        workload = t.workload(pod, selector_policies)
-        addresses[workload.uid] = workload_pb2.Address(workload=workload)
-
-    authorizations.update(t.peer_authn.resources)
-    findings = sorted(set(t.findings + t.peer_authn.findings))
-    return Translation(
-        addresses=types.MappingProxyType(addresses),
-        authorizations=types.MappingProxyType(authorizations),
-        findings=tuple(findings),
-        waypoint_policies=tuple(waypoint_policies),
-    )
+    context = TranslationContext(model, config)
+    policies = translate_policies(model, config)
+    services = [context.service(model.services[key]) for key in sorted(model.services)]
+    workloads = [
+        part
+        for key in sorted(model.pods)
+        if (part := context.workload(model.pods[key], policies.selector_policies)) is not None
+    ]
+    return assemble(policies, services, workloads)
 
 
 __all__ = [
@@ -475,11 +587,17 @@ __all__ = [
     "USE_WAYPOINT_LABEL",
     "USE_WAYPOINT_NAMESPACE_LABEL",
     "WAYPOINT_FOR_LABEL",
+    "AddressTranslation",
+    "PolicyTranslation",
+    "SelectorPolicy",
     "TranslateConfig",
     "Translation",
+    "TranslationContext",
+    "assemble",
     "canonical_name",
     "canonical_revision",
     "is_enrolled",
     "translate",
+    "translate_policies",
     "workload_name_and_type",
 ]

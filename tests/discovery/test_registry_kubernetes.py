@@ -91,6 +91,8 @@ class Env:
     namespaces: list[str] = field(default_factory=list)
     nodes: list[str] = field(default_factory=list)
     cluster_objects: list[tuple[str, str]] = field(default_factory=list)
+    #: A ztunnel pod's token (pod-bound, audience istio-ca): what the mesh client sends.
+    ztunnel_token: str = ""
 
     @property
     def api(self) -> Any:
@@ -203,10 +205,13 @@ def delete_everything_in(env: Env, namespace: str) -> None:
 
 
 class MeshClient(Client):
-    """The Delta ADS client of test_server, also keeping the Authorization resources."""
+    """The Delta ADS client of test_server, also keeping the Authorization resources.
 
-    def __init__(self, channel: grpc.Channel) -> None:
-        super().__init__(channel, name=unique_name("zt"))
+    Over TLS it sends ``token`` and names a node in ``namespace``, as a ztunnel does.
+    """
+
+    def __init__(self, channel: grpc.Channel, token: str | None, namespace: str) -> None:
+        super().__init__(channel, name=unique_name("zt"), token=token, namespace=namespace)
         self.authorizations: dict[str, authorization_pb2.Authorization] = {}
 
     def on_event(self, event: ClientEvent) -> None:
@@ -238,7 +243,7 @@ class MeshClient(Client):
 @contextlib.contextmanager
 def mesh_client(env: Env) -> Iterator[MeshClient]:
     with env.channel() as channel:
-        mesh = MeshClient(channel)
+        mesh = MeshClient(channel, env.ztunnel_token, env.mesh_namespace)
         mesh.start()
         try:
             mesh.wait(synced, TIMEOUT)
@@ -329,6 +334,19 @@ def env(kube_cluster: KubeCluster, tmp_path_factory: pytest.TempPathFactory) -> 
         )
         env.server.start()
         assert env.registry.wait_synced(TIMEOUT), "the registry never listed every kind"
+        # The mesh client's identity: a ztunnel pod's projected token, as a node would have.
+        ensure_service_account(api, mesh_namespace, "ztunnel")
+        ztunnel = core.create_namespaced_pod(
+            mesh_namespace,
+            {
+                "metadata": {"name": "ztunnel-xds"},
+                "spec": {
+                    "serviceAccountName": "ztunnel",
+                    "containers": [{"name": "ztunnel", "image": "registry.invalid/ztunnel:1"}],
+                },
+            },
+        )
+        env.ztunnel_token = pod_token(api, ztunnel, expiration_seconds=3600)
         yield env
     finally:
         if env.server is not None:
@@ -558,6 +576,39 @@ def test_impersonation_is_checked_against_the_watched_pods(env: Env) -> None:
             issue("web")  # no longer there
 
 
+# -- xDS clients on the TLS port are authenticated with TokenReviews -----------------------------
+
+
+def test_xds_clients_are_authenticated_with_token_reviews(env: Env) -> None:
+    ns = env.namespace(AMBIENT)
+    node = env.node()
+    web = make_pod(env, ns, "web-0", node=node, service_account="web")
+    bad_tokens = {
+        # Not bound to a pod, and for the API server's audience, not istio-ca.
+        "unbound token": service_account_token(env.api, env.mesh_namespace, "ztunnel"),
+        "garbage": "not-a-jwt-0123456789",
+    }
+    with env.channel() as channel:
+
+        def refusal(token: str) -> str:
+            """Run a client with ``token``: the error that ended its stream (no state)."""
+            refused = MeshClient(channel, token, env.mesh_namespace).start()
+            try:
+                with refused.cond:
+                    assert refused.cond.wait_for(lambda: refused.error is not None, TIMEOUT)
+                assert not refused.state
+                return str(refused.error)
+            finally:
+                refused.stop()
+
+        for case, token in bad_tokens.items():
+            assert "UNAUTHENTICATED" in refusal(token), case
+        # A good token of a pod of another namespace, for a node of the mesh's namespace.
+        assert "PERMISSION_DENIED" in refusal(pod_token(env.api, web))
+    with mesh_client(env) as mesh:  # the ztunnel's pod-bound token: served
+        mesh.wait(lambda c: f"Kubernetes//Pod/{ns}/web-0" in c.state, TIMEOUT)
+
+
 # -- fail closed on missing RBAC --------------------------------------------------------------
 
 
@@ -647,7 +698,7 @@ def test_discovery_serve_with_the_kubernetes_registry(env: Env, tmp_path: Path) 
         fields = dict(part.split("=", 1) for part in ready.split()[1:])
         assert fields["registry"] == "kubernetes"
         with grpc.insecure_channel(fields["plaintext"], options=CHANNEL_OPTIONS) as channel:
-            mesh = MeshClient(channel)
+            mesh = MeshClient(channel, None, env.mesh_namespace)  # plaintext: no token
             mesh.start()
             try:
                 uid = f"Kubernetes//Pod/{ns}/cli-0"

@@ -497,7 +497,7 @@ def test_discovery_serve_with_the_lab_registry(state: lab.LabRegistry, tmp_path:
             grpc.ssl_channel_credentials(root.encode()),
             options=[("grpc.ssl_target_name_override", "localhost"), *CHANNEL_OPTIONS],
         ) as channel:
-            mesh = Client(channel).start()
+            mesh = Client(channel, token=ZTUNNEL_TOKEN).start()
             try:
                 uid = "Kubernetes//Pod/demo/sleep-1"
                 mesh.wait(lambda c: uid in c.state)

@@ -16,10 +16,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+import structlog
 import yaml
 from envoy.service.discovery.v3 import discovery_pb2
 from prometheus_client import CollectorRegistry
 
+from discovery.errors import DiscoveryConfigError
 from discovery.model import Model, Namespace, Pod
 from discovery.registry import MemoryRegistry
 from discovery.server import DiscoveryServer
@@ -40,6 +42,8 @@ pytestmark = pytest.mark.unit
 TD = "cluster.local"
 A = ADDRESS_TYPE_URL
 TOKEN = "tok-sleep-0123456789abcdef"
+ZTUNNEL_TOKEN = "tok-ztunnel-0123456789abcdef"
+MESH_NS = "istio-system"
 
 
 def uid(name: str) -> str:
@@ -56,6 +60,7 @@ class Env:
     registry: MemoryRegistry
     server: DiscoveryServer
     metrics: CollectorRegistry
+    tokens: Path
 
     def metric(self, name: str, **labels: str) -> float:
         return self.metrics.get_sample_value(name, labels) or 0.0
@@ -76,7 +81,14 @@ def write_tokens(path: Path) -> Path:
             "service_account": "sleep",
             "pod": "s-1",
             "node": "n1",
-        }
+        },
+        {
+            "token": ZTUNNEL_TOKEN,
+            "namespace": MESH_NS,
+            "service_account": "ztunnel",
+            "pod": "ztunnel-1",
+            "node": "n1",
+        },
     ]
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -88,7 +100,8 @@ def write_tokens(path: Path) -> Path:
 def env(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Env]:
     quiet: float = getattr(request, "param", 0.05)  # the debounce window
     ca = CertificateAuthority.load_or_create(tmp_path / "ca", TD)
-    auth = LabTokenAuthenticator(write_tokens(tmp_path / "tokens.yaml"), TD)
+    tokens = write_tokens(tmp_path / "tokens.yaml")
+    auth = LabTokenAuthenticator(tokens, TD)
     metrics = CollectorRegistry()
     registry = MemoryRegistry(
         Model.of(
@@ -109,13 +122,17 @@ def env(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Env]:
     server.start()
     server.wait_for_snapshot(lambda s: s.version >= 1)
     try:
-        yield Env(ca, registry, server, metrics)
+        yield Env(ca, registry, server, metrics, tokens)
     finally:
         server.stop(grace=0)
 
 
 class Client:
-    """A Delta ADS client on its own thread; records events and the state they build."""
+    """A Delta ADS client on its own thread; records events and the state they build.
+
+    It sends ``token`` as its bearer token (as ztunnel does over TLS) and names
+    a node in ``namespace``.
+    """
 
     def __init__(
         self,
@@ -123,6 +140,9 @@ class Client:
         name: str = "zt",
         delta: DeltaClient | None = None,
         reject: Callable[[workload_pb2.Address], bool] | None = None,
+        *,
+        token: str | None = ZTUNNEL_TOKEN,
+        namespace: str = MESH_NS,
     ) -> None:
         def decode(data: bytes) -> workload_pb2.Address:
             address = workload_pb2.Address.FromString(data)
@@ -133,10 +153,11 @@ class Client:
         node = build_node(
             ip="10.0.0.9",
             pod=name,
-            namespace="istio-system",
+            namespace=namespace,
             node_name="n1",
             cluster_id="Kubernetes",
         )
+        self.metadata = () if token is None else (("authorization", f"Bearer {token}"),)
         self.delta = delta or DeltaClient(
             node,
             WORKLOAD_TYPE_URLS,
@@ -167,7 +188,7 @@ class Client:
             self.cond.notify_all()
 
     def start(self) -> Client:
-        self.stream = DeltaStream(self.channel, self.delta, self.on_event)
+        self.stream = DeltaStream(self.channel, self.delta, self.on_event, metadata=self.metadata)
 
         def run() -> None:
             assert self.stream is not None
@@ -205,7 +226,12 @@ def synced(c: Client) -> bool:
 
 def test_several_clients_get_the_state_then_the_same_deltas(env: Env) -> None:
     channels = [env.channel() for _ in range(3)] + [env.channel(plaintext=True)]
-    clients = [Client(ch, f"zt-{i}").start() for i, ch in enumerate(channels)]
+    # The plaintext client sends no token, as ztunnel does: that port is not authenticated.
+    tokens = [ZTUNNEL_TOKEN] * 3 + [None]
+    clients = [
+        Client(ch, f"zt-{i}", token=token).start()
+        for i, (ch, token) in enumerate(zip(channels, tokens, strict=True))
+    ]
     try:
         for c in clients:
             c.wait(synced)
@@ -335,3 +361,113 @@ def test_unsupported_policy_fields_are_counted(env: Env) -> None:
     env.registry.upsert(*pods("unrelated"))  # the same finding is not counted again
     env.server.wait_for_snapshot(lambda s: uid("unrelated") in s.of_type(A))
     assert env.metric("underpass_discovery_unsupported_total", reason="http_only_field") == 1
+
+
+# -- authentication of xDS clients on the TLS port ------------------------------------------------
+
+
+def first_request(namespace: str = MESH_NS) -> discovery_pb2.DeltaDiscoveryRequest:
+    request = discovery_pb2.DeltaDiscoveryRequest(type_url=A)
+    request.node.CopyFrom(
+        build_node(ip="10.0.0.9", pod="zt", namespace=namespace, node_name="n1", cluster_id="c")
+    )
+    return request
+
+
+def call_refused(
+    channel: grpc.Channel, metadata: tuple[tuple[str, str], ...], namespace: str = MESH_NS
+) -> grpc.RpcError:
+    """Open a Delta ADS call; it must end with an error before any response."""
+    method = channel.stream_stream(
+        DELTA_METHOD_PATH,
+        request_serializer=discovery_pb2.DeltaDiscoveryRequest.SerializeToString,
+        response_deserializer=discovery_pb2.DeltaDiscoveryResponse.FromString,
+    )
+    call = method(iter([first_request(namespace)]), metadata=metadata, timeout=10)
+    with pytest.raises(grpc.RpcError) as info:
+        responses = list(call)
+        pytest.fail(f"the call was served: {len(responses)} responses")
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("metadata", "reason", "message"),
+    [
+        ((), "no_token", "needs 'authorization: Bearer <token>'"),
+        (
+            (("authorization", "Bearer not-a-known-token-0123456789"),),
+            "authentication_failed",
+            "not in the CA's lab token file",
+        ),
+        ((("authorization", "Basic dXNlcjpwYXNz"),), "authentication_failed", "Bearer"),
+        (
+            (("authorization", f"Bearer {ZTUNNEL_TOKEN}"), ("authorization", f"Bearer {TOKEN}")),
+            "authentication_failed",
+            "repeats 'authorization'",
+        ),
+    ],
+    ids=["no token", "unknown token", "not bearer", "two tokens"],
+)
+def test_tls_xds_refuses_a_call_without_a_token_the_authenticator_accepts(
+    env: Env, metadata: tuple[tuple[str, str], ...], reason: str, message: str
+) -> None:
+    with structlog.testing.capture_logs() as logs, env.channel() as channel:
+        error = call_refused(channel, metadata)
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert message in (error.details() or "")
+    assert env.metric("underpass_xds_auth_refused_total", reason=reason) == 1
+    assert env.metric("underpass_xds_clients") == 0  # never registered as a client
+    refusals = [e for e in logs if e["event"] == "xds.auth_refused"]
+    assert [e["reason"] for e in refusals] == [reason]
+    for _, value in metadata:  # no token (nor header) in the log or the answer
+        secret = value.split()[-1]
+        assert not any(secret in repr(e) for e in logs)
+        assert secret not in (error.details() or "")
+
+
+def test_tls_xds_serves_a_caller_with_a_good_token(env: Env) -> None:
+    with env.channel() as channel:
+        client = Client(channel, token=ZTUNNEL_TOKEN).start()
+        try:
+            client.wait(synced)
+            assert set(client.state) == {uid("a"), uid("b")}
+        finally:
+            client.stop()
+    assert env.metric("underpass_xds_auth_refused_total", reason="no_token") == 0
+
+
+def test_a_node_of_another_namespace_than_the_token_is_refused(env: Env) -> None:
+    """The demo/sleep token may not read the mesh as a proxy of istio-system."""
+    metadata = (("authorization", f"Bearer {TOKEN}"),)
+    with env.channel() as channel:
+        error = call_refused(channel, metadata, namespace=MESH_NS)
+        assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+        details = error.details() or ""
+        assert "spiffe://cluster.local/ns/demo/sa/sleep" in details and "'istio-system'" in details
+        assert env.metric("underpass_xds_auth_refused_total", reason="node_namespace_mismatch") == 1
+        # The same token for a node of its own namespace is served.
+        client = Client(channel, token=TOKEN, namespace="demo").start()
+        try:
+            client.wait(synced)
+        finally:
+            client.stop()
+
+
+def test_an_unusable_token_file_makes_tls_xds_unavailable_until_fixed(env: Env) -> None:
+    env.tokens.chmod(0o644)  # readable by others: the authenticator refuses to use it
+    with env.channel() as channel:
+        error = call_refused(channel, (("authorization", f"Bearer {ZTUNNEL_TOKEN}"),))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert env.metric("underpass_xds_auth_refused_total", reason="authenticator_unavailable")
+        env.tokens.chmod(0o600)
+        client = Client(channel).start()
+        try:
+            client.wait(synced)
+        finally:
+            client.stop()
+
+
+def test_tls_is_not_served_without_an_authenticator(tmp_path: Path) -> None:
+    ca = CertificateAuthority.load_or_create(tmp_path / "ca", TD)
+    with pytest.raises(DiscoveryConfigError, match="needs an authenticator"):
+        DiscoveryServer(MemoryRegistry(), ca=ca, listen="127.0.0.1:0")

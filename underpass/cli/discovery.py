@@ -4,6 +4,9 @@
 (``envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources``)
 over TLS on 15012 with the certificate authority's ``IstioCertificateService``
 on the same port, and plaintext xDS on 15010 only with ``--plaintext-listen``.
+On 15012 every xDS call and every CA call must carry a bearer token that
+``--auth`` accepts (lab token file or TokenReview, see
+:mod:`discovery.xdsauth`); the plaintext port authenticates nobody.
 The registry (``--registry``) says what exists:
 
 - ``model``: a static model file (``--model``, YAML; see
@@ -39,8 +42,12 @@ DESCRIPTION = """\
 Run the Underpass control plane: workload discovery over Delta ADS (what ztunnel
 subscribes to) and the certificate authority, in one process.
 
-  TLS 15012      xDS + CA (serving certificate issued by the CA itself)
-  plaintext      xDS only, when --plaintext-listen is given (e.g. 0.0.0.0:15010)
+  TLS 15012      xDS + CA (serving certificate issued by the CA itself); every call
+                 must carry 'authorization: Bearer <token>' accepted by --auth, and an
+                 xDS client's node must be of its token's namespace
+  plaintext      xDS only, when --plaintext-listen is given (e.g. 0.0.0.0:15010);
+                 NOT authenticated (tokens never travel in clear): whoever reaches it
+                 reads every workload and policy, so bind it to a trusted address
   metrics        Prometheus /metrics on --metrics-port (default 15014)
 
 Registries (--registry): model (a static YAML file, --model), lab (the lab's state
@@ -136,43 +143,52 @@ def _load_ca(args: argparse.Namespace) -> Any:
     return CertificateAuthority.load_or_create(args.state_dir, args.trust_domain)
 
 
-def _build_ca_servicer(
-    args: argparse.Namespace, metrics_registry: Any, node_index: Any, kube: Any, ca: Any
-) -> Any:
-    """The CA's servicer (None: not served); ``node_index`` None: from the auth mode."""
-    from identity.auth import Authorizer, LabTokenAuthenticator, parse_node_agent
+def _build_authenticator(args: argparse.Namespace, node_index: Any, kube: Any) -> tuple[Any, Any]:
+    """(Authenticator, NodeIndex): who the callers are, for xDS on the TLS port and the CA.
+
+    ``node_index`` is the registry's (None: derive one from the auth mode).
+    """
+    from identity.auth import LabTokenAuthenticator
     from identity.errors import CaConfigError
+
+    if args.auth == "lab":
+        if args.lab_tokens is None:
+            raise CaConfigError(
+                "--auth lab needs --lab-tokens FILE: it authenticates the xDS clients on the "
+                "TLS port and the CA's callers"
+            )
+        lab = LabTokenAuthenticator(args.lab_tokens, args.trust_domain)
+        # The registry's live pods when it has them, else the token file's entries.
+        return lab, node_index or lab
+    from kubernetes import client
+
+    from identity.auth import KubernetesNodeIndex, KubernetesTokenReviewAuthenticator
+
+    assert kube is not None
+    authenticator = KubernetesTokenReviewAuthenticator(
+        client.AuthenticationV1Api(kube), args.trust_domain
+    )
+    # The watched pods when the registry is Kubernetes, else a list per request.
+    return authenticator, node_index or KubernetesNodeIndex(client.CoreV1Api(kube))
+
+
+def _build_ca_servicer(
+    args: argparse.Namespace, metrics_registry: Any, authenticator: Any, node_index: Any, ca: Any
+) -> Any:
+    """The CA's servicer (None: not served)."""
+    from identity.auth import Authorizer, parse_node_agent
     from identity.server import CaMetrics, CaServicer
 
     if args.no_ca_service:
         return None
     agents = [parse_node_agent(a) for a in args.trusted_node_agent or DEFAULT_NODE_AGENTS]
-    authenticator: Any
-    if args.auth == "lab":
-        if args.lab_tokens is None:
-            raise CaConfigError("--auth lab needs --lab-tokens FILE (or --no-ca-service)")
-        lab = LabTokenAuthenticator(args.lab_tokens, args.trust_domain)
-        # The registry's live pods when it has them, else the token file's entries.
-        authenticator, node_index = lab, node_index or lab
-    else:
-        from kubernetes import client
-
-        from identity.auth import KubernetesNodeIndex, KubernetesTokenReviewAuthenticator
-
-        assert kube is not None
-        authenticator = KubernetesTokenReviewAuthenticator(
-            client.AuthenticationV1Api(kube), args.trust_domain
-        )
-        # The watched pods when the registry is Kubernetes, else a list per request.
-        node_index = node_index or KubernetesNodeIndex(client.CoreV1Api(kube))
-    servicer = CaServicer(
+    return CaServicer(
         ca,
         authenticator,
         Authorizer(args.trust_domain, node_index, agents),
         cluster_id=args.cluster_id,
         metrics=CaMetrics(metrics_registry),
     )
-    return servicer
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -197,13 +213,12 @@ def _serve(args: argparse.Namespace) -> int:
         try:
             registry = prometheus_client.CollectorRegistry()
             _resolve_registry_options(args)
-            if args.registry == "kubernetes" or (
-                args.auth == "kubernetes" and not args.no_ca_service
-            ):
+            if args.registry == "kubernetes" or args.auth == "kubernetes":
                 kube = _kube_client(args)
             ca = _load_ca(args)
             source, node_index = _build_registry(args, kube, ca)
-            servicer = _build_ca_servicer(args, registry, node_index, kube, ca)
+            authenticator, node_index = _build_authenticator(args, node_index, kube)
+            servicer = _build_ca_servicer(args, registry, authenticator, node_index, ca)
             config = TranslateConfig(
                 cluster_id=args.cluster_id,
                 trust_domain=args.trust_domain,
@@ -218,6 +233,7 @@ def _serve(args: argparse.Namespace) -> int:
                 config=config,
                 ca=ca,
                 ca_servicer=servicer,
+                xds_authenticator=authenticator,
                 listen=args.listen,
                 plaintext_listen=args.plaintext_listen,
                 serving_dns_names=args.serving_dns or ("istiod.istio-system.svc", "localhost"),
@@ -333,7 +349,8 @@ def _add_serve(sub: Any) -> None:
     net.add_argument(
         "--plaintext-listen",
         metavar="HOST:PORT",
-        help="also serve xDS (not the CA) in plaintext here, e.g. 0.0.0.0:15010",
+        help="also serve xDS (not the CA) in plaintext here, e.g. 0.0.0.0:15010; "
+        "unauthenticated: bind it to a trusted address only",
     )
     net.add_argument("--serving-dns", action="append", metavar="NAME", help="serving cert DNS SAN")
     net.add_argument("--serving-ip", action="append", metavar="IP", help="serving cert IP SAN")
@@ -375,10 +392,15 @@ def _add_serve(sub: Any) -> None:
     ca.add_argument(
         "--auth",
         choices=("lab", "kubernetes"),
-        help="how the CA authenticates callers: lab token file or TokenReview "
-        "(default: kubernetes with --registry kubernetes, else lab)",
+        help="how xDS clients on the TLS port and CA callers are authenticated: lab token "
+        "file or TokenReview (default: kubernetes with --registry kubernetes, else lab)",
     )
-    ca.add_argument("--lab-tokens", type=Path, metavar="FILE", help="lab token file")
+    ca.add_argument(
+        "--lab-tokens",
+        type=Path,
+        metavar="FILE",
+        help="lab token file (--auth lab: authenticates xDS clients and CA callers)",
+    )
     ca.add_argument(
         "--kubeconfig",
         type=Path,

@@ -11,7 +11,9 @@ new :class:`Snapshot`, which responses to send
 - what the client holds: ``name -> version`` as far as we know, seeded from
   ``initial_resource_versions`` on the stream's first request for the type, so
   a reconnecting client gets only what changed, and removals for what it holds
-  that no longer exists;
+  that no longer exists. It is stored as the differences from the latest
+  snapshot (:class:`HeldVersions`), so a wildcard stream in sync costs memory
+  for what it lacks, not one entry per resource of the mesh;
 - the responses awaiting an ACK, by nonce. An ACK confirms them; a NACK puts
   back what the client held before and remembers the rejected versions, which
   are not sent again until their content changes (the stream stays up).
@@ -25,7 +27,7 @@ is in sync. A stream is driven by one task; it is not thread-safe.
 from __future__ import annotations
 
 import types
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -191,11 +193,99 @@ class DeltaResponse:
 # -- per-type state -------------------------------------------------------------
 
 
+def _same(a: Held | _Missing, b: Held | _Missing) -> bool:
+    return a is b or (isinstance(a, str) and a == b)
+
+
+class HeldVersions:
+    """What a client holds of one type: ``name -> version``, or None for "told it does not
+    exist", and :data:`MISSING` for anything else, as a mutable mapping would say it.
+
+    Stored as the differences from a *base*, a snapshot's resources of the type,
+    shared by every stream: a wildcard client in sync holds exactly the snapshot,
+    so its own storage is empty instead of one entry per resource (memory per
+    stream grows with what it does not hold yet, not with the mesh).
+    :meth:`rebase` moves to the next snapshot at the cost of that snapshot's
+    changes. Whatever the base, every read gives the same answer.
+    """
+
+    __slots__ = ("_base", "_base_version", "_overlay")
+
+    def __init__(self, initial: Mapping[str, Held] | None = None) -> None:
+        self._base: Mapping[str, PreparedResource] = _EMPTY
+        self._base_version: int | None = None
+        # name -> what the client holds where that differs from the base.
+        self._overlay: dict[str, Held | _Missing] = dict(initial or {})
+
+    def get(self, name: str) -> Held | _Missing:
+        if name in self._overlay:
+            return self._overlay[name]
+        resource = self._base.get(name)
+        return MISSING if resource is None else resource.version
+
+    def __setitem__(self, name: str, value: Held) -> None:
+        self._set(name, value)
+
+    def discard(self, name: str) -> None:
+        """The client no longer holds ``name`` (nor a removal of it)."""
+        self._set(name, MISSING)
+
+    def _set(self, name: str, value: Held | _Missing) -> None:
+        resource = self._base.get(name)
+        if _same(value, MISSING if resource is None else resource.version):
+            self._overlay.pop(name, None)
+        else:
+            self._overlay[name] = value
+
+    def items(self) -> Iterator[tuple[str, Held]]:
+        for name in self._overlay.keys() | self._base.keys():
+            value = self.get(name)
+            if not isinstance(value, _Missing):
+                yield name, value
+
+    def names(self) -> set[str]:
+        """Every name the client holds (a version or a removal)."""
+        return {name for name, _ in self.items()}
+
+    @property
+    def stored(self) -> int:
+        """Entries kept by this stream itself (the rest is the shared base)."""
+        return len(self._overlay)
+
+    def rebase(self, snapshot: Snapshot, type_url: str) -> None:
+        """Store the differences from ``snapshot``'s resources of ``type_url`` from now on."""
+        base = snapshot.of_type(type_url)
+        if base is self._base:
+            return
+        if self._base_version is None or self._base_version != snapshot.parent:
+            self._rebase_fully(base, snapshot.version)
+            return
+        # The old base is the parent's: the two differ in the snapshot's changes only.
+        values = [(name, self.get(name)) for name in snapshot.changes.get(type_url, ())]
+        self._base, self._base_version = base, snapshot.version
+        for name, value in values:
+            self._set(name, value)
+
+    def forget_base(self) -> None:
+        """Store everything in this stream (before it drops most names, as a client that
+        leaves its wildcard subscription does)."""
+        self._rebase_fully(_EMPTY, None)
+
+    def _rebase_fully(self, base: Mapping[str, PreparedResource], version: int | None) -> None:
+        if base is self._base:
+            return
+        names = self._overlay.keys() | self._base.keys() | base.keys()
+        values = [(name, self.get(name)) for name in names]
+        self._base, self._base_version, self._overlay = base, version, {}
+        for name, value in values:
+            self._set(name, value)
+
+
 @dataclass
 class _TypeState:
     wildcard: bool
     names: set[str]
-    held: dict[str, Held]
+    held: HeldVersions
     # Versions (or None for a removal) the client refused; not sent again as such.
     rejected: dict[str, Held] = field(default_factory=dict)
     # nonce -> {name: (what we sent, what the client held before)}
@@ -245,6 +335,11 @@ class DeltaServerStream:
             return {}
         return {n: v for n, v in state.held.items() if v is not None}
 
+    def stored_held_entries(self, type_url: str) -> int:
+        """How many held versions this stream stores itself (memory, for tests)."""
+        state = self._types.get(type_url)
+        return state.held.stored if state else 0
+
     def pending_nonces(self, type_url: str) -> tuple[str, ...]:
         state = self._types.get(type_url)
         return tuple(state.pending) if state else ()
@@ -290,7 +385,7 @@ class DeltaServerStream:
         held: dict[str, Held] = {
             name: version for name, version in request.initial_resource_versions.items() if name
         }
-        state = _TypeState(wildcard=wildcard, names=names, held=held)
+        state = _TypeState(wildcard=wildcard, names=names, held=HeldVersions(held))
         self._types[request.type_url] = state
         events.append(Subscribed(request.type_url, wildcard, tuple(sorted(names)), True, len(held)))
         return state
@@ -317,10 +412,12 @@ class DeltaServerStream:
             drop_wildcard = WILDCARD in unsubscribe and state.wildcard
             if drop_wildcard:
                 state.wildcard = False
+            if not state.wildcard:
+                state.held.forget_base()  # what remains is a few names: store them here
             # The client discards what it no longer subscribes to; so do we.
-            for name in list(state.held):
+            for name in state.held.names():
                 if not state.interested(name):
-                    del state.held[name]
+                    state.held.discard(name)
                     state.rejected.pop(name, None)
             if dropped or drop_wildcard:
                 state.synced_to = None
@@ -343,11 +440,11 @@ class DeltaServerStream:
             self._accept(state, sent)
             return Acked(request.type_url, nonce, len(sent))
         for name, (version, before) in sent.items():
-            current = state.held.get(name, MISSING)
+            current = state.held.get(name)
             ours = current == version if version is not None else current in (None, MISSING)
             if ours:  # not overwritten by a later response: the client still has `before`
                 if isinstance(before, _Missing):
-                    state.held.pop(name, None)
+                    state.held.discard(name)
                 else:
                     state.held[name] = before
             state.rejected[name] = version
@@ -384,15 +481,15 @@ class DeltaServerStream:
         elif state.synced_to is not None and state.synced_to == snapshot.parent:
             candidates = snapshot.changes.get(type_url, ())
         elif state.wildcard:
-            candidates = current.keys() | state.held.keys() | state.names
+            candidates = current.keys() | state.held.names() | state.names
         else:
-            candidates = state.names | state.held.keys()
+            candidates = state.names | state.held.names()
         state.synced_to = snapshot.version
         for name in candidates:
             if not state.interested(name):
                 continue
             resource = current.get(name)
-            held = state.held.get(name, MISSING)
+            held = state.held.get(name)
             if resource is not None:
                 refused = state.rejected.get(name, MISSING) == resource.version
                 if held != resource.version and not refused:
@@ -404,12 +501,15 @@ class DeltaServerStream:
                 if state.rejected.get(name, MISSING) is None:
                     continue  # the client refused this removal before
                 removed.append(name)
-        if not upserts and not removed and not state.must_answer:
-            return []
-        state.must_answer = False
-        upserts.sort(key=lambda r: r.name)
-        removed.sort()
-        return self._split(type_url, state, snapshot.version, upserts, removed)
+        out: list[DeltaResponse] = []
+        if upserts or removed or state.must_answer:
+            state.must_answer = False
+            upserts.sort(key=lambda r: r.name)
+            removed.sort()
+            out = self._split(type_url, state, snapshot.version, upserts, removed)
+        if state.wildcard:  # it holds (nearly) the snapshot now: keep only the differences
+            state.held.rebase(snapshot, type_url)
+        return out
 
     def _split(
         self,
@@ -448,14 +548,14 @@ class DeltaServerStream:
     def _record(self, state: _TypeState, response: DeltaResponse) -> None:
         sent: dict[str, tuple[Held, Held | _Missing]] = {}
         for resource in response.resources:
-            sent[resource.name] = (resource.version, state.held.get(resource.name, MISSING))
+            sent[resource.name] = (resource.version, state.held.get(resource.name))
             state.held[resource.name] = resource.version
         for name in response.removed:
-            sent[name] = (None, state.held.get(name, MISSING))
+            sent[name] = (None, state.held.get(name))
             if name in state.names:
                 state.held[name] = None  # remember we told it: not said again
             else:
-                state.held.pop(name, None)
+                state.held.discard(name)
         state.pending[response.nonce] = sent
         while len(state.pending) > MAX_PENDING_RESPONSES:
             oldest = next(iter(state.pending))
@@ -469,6 +569,7 @@ __all__ = [
     "ClientIdentified",
     "DeltaResponse",
     "DeltaServerStream",
+    "HeldVersions",
     "Nacked",
     "Snapshot",
     "StaleNonce",

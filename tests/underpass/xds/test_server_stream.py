@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 from hypothesis import given, settings
@@ -14,16 +16,19 @@ from tests.underpass.xds.helpers import (
     Z,
     names_of,
     request,
+    resources,
     snapshot,
     workload,
 )
 from underpass.xds.errors import XdsProtocolError
 from underpass.xds.server import (
     MAX_PENDING_RESPONSES,
+    MISSING,
     Acked,
     ClientIdentified,
     DeltaResponse,
     DeltaServerStream,
+    HeldVersions,
     Nacked,
     Snapshot,
     StaleNonce,
@@ -414,3 +419,69 @@ def test_node_is_only_read_from_the_first_request() -> None:
     other.node.id = "someone-else"
     assert not any(isinstance(e, ClientIdentified) for e in stream.receive(other))
     assert stream.node is not None and stream.node.id == NODE.id
+
+
+# -- what a stream stores: the differences from the snapshot ------------------------------------
+
+HELD = st.one_of(st.none(), st.sampled_from(["1", "2", "3"]))
+HELD_STEPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("set"), NAMES, HELD),
+        st.tuples(st.just("discard"), NAMES, st.none()),
+        st.tuples(st.just("next"), STATES, st.none()),  # rebase to the successor snapshot
+        st.tuples(st.just("jump"), STATES, st.none()),  # rebase to an unrelated snapshot
+        st.tuples(st.just("forget"), st.just({}), st.none()),
+    ),
+    max_size=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(initial=STATES, steps=HELD_STEPS)
+def test_held_versions_read_like_a_dict_whatever_the_base(
+    initial: dict[str, str], steps: list[tuple[str, Any, Any]]
+) -> None:
+    held = HeldVersions(initial)
+    reference: dict[str, str | None] = dict(initial)
+    snap = Snapshot.empty()
+    for kind, arg, value in steps:
+        if kind == "set":
+            held[arg] = value
+            reference[arg] = value
+        elif kind == "discard":
+            held.discard(arg)
+            reference.pop(arg, None)
+        elif kind == "next":
+            snap = snapshot(arg, after=snap)
+            held.rebase(snap, A)
+        elif kind == "jump":
+            snap = Snapshot(snap.version + 10, resources(arg))
+            held.rebase(snap, A)
+        else:
+            held.forget_base()
+        for name in "abcd":
+            assert held.get(name) == reference.get(name, MISSING)
+        assert dict(held.items()) == reference
+
+
+def test_a_wildcard_stream_in_sync_stores_nothing_of_its_own() -> None:
+    pair = Pair()
+    first = snapshot({f"w{i}": "1" for i in range(100)}, {"p": "1"})
+    pair.connect(first)
+    assert len(pair.server.held_versions(A)) == 100
+    assert pair.server.stored_held_entries(A) == 0 and pair.server.stored_held_entries(Z) == 0
+    changed = {f"w{i}": "2" if i < 10 else "1" for i in range(100)}
+    second = snapshot(changed, {"p": "1"}, after=first)
+    pair.push(second)
+    assert pair.held[A] == {n: r.version for n, r in second.of_type(A).items()}
+    assert pair.server.stored_held_entries(A) == 0
+    # A refused version is what the stream stores: the client keeps the old one.
+    stream = DeltaServerStream()
+    stream.receive(request(node=True))
+    [response] = stream.responses(first)
+    stream.receive(request(nonce=response.nonce))
+    third = snapshot({**changed, "w0": "3"}, after=first)
+    [response] = stream.responses(third)
+    stream.receive(request(nonce=response.nonce, error="no"))
+    assert stream.stored_held_entries(A) == 10  # w0 .. w9 refused: it keeps their old versions
+    assert stream.held_versions(A)["w5"] == first.of_type(A)["w5"].version
