@@ -171,7 +171,7 @@ def register(sub: Any) -> None:
         default=DEFAULT_MODES,
         metavar="MODE[,MODE...]",
         help=f"modes to compare, in order: {', '.join(AVAILABLE)} (default "
-        f"{','.join(DEFAULT_MODES)}); planned: {planned}",
+        f"{','.join(DEFAULT_MODES)})" + (f"; planned: {planned}" if planned else ""),
     )
     p.add_argument(
         "--rps", type=float, default=100.0, help="total requests per second (default 100)"

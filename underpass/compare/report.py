@@ -19,6 +19,7 @@ pages counted in full for every process).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -51,8 +52,12 @@ def summarize(run: Mapping[str, Any]) -> dict[str, Any]:
     latency = merged_percentiles(buckets, PERCENTILES)
     requests = sum(int(c["requests"]) for c in clients)
     ok = sum(int(c["ok"]) for c in clients)
+    roles: dict[str, int] = {}
+    for proxy in proxies:
+        roles[str(proxy["role"])] = roles.get(str(proxy["role"]), 0) + 1
     return {
         "proxies": len(proxies),
+        "proxy_roles": roles,
         "pss_per_node_kib": round(pss_per_node, 1) if pss_per_node is not None else None,
         "rss_per_node_kib": round(rss_total / nodes, 1),
         "pss_per_pod_kib": (
@@ -104,6 +109,25 @@ def percent(share: float | None) -> str | None:
     return f"{share * 100:.1f}%" if share < 0.1 else f"{share * 100:.0f}%"
 
 
+#: Shorter names of proxy roles in the table's proxies column.
+_ROLE_LABELS: Final = {
+    "ztunnel-supervisor": "supervisor",
+    "ztunnel-worker": "worker",
+    "waypoint-stand-in": "waypoint",
+}
+
+
+def proxies_cell(summary: Mapping[str, Any]) -> str:
+    """The proxies column: the count, and what they are when a mode runs several kinds
+    (``3 = 2 ztunnel + 1 waypoint``)."""
+    total = str(summary["proxies"])
+    roles: Mapping[str, int] = summary.get("proxy_roles") or {}
+    if len(roles) < 2:
+        return total
+    parts = " + ".join(f"{count} {_ROLE_LABELS.get(role, role)}" for role, count in roles.items())
+    return f"{total} = {parts}"
+
+
 def _ms(value: float | None) -> str | None:
     return None if value is None else f"{value:.2f}"
 
@@ -132,7 +156,7 @@ def render_table(runs: Sequence[Mapping[str, Any]], baseline: str) -> str:
             [
                 run["pods_per_node"],
                 run["mode"],
-                s["proxies"],
+                proxies_cell(s),
                 mib(s["pss_per_node_kib"]),
                 mib(s["rss_per_node_kib"]),
                 mib(s["pss_per_pod_kib"]),
@@ -164,11 +188,38 @@ def target_lines(runs: Sequence[Mapping[str, Any]], baseline: str, mode: str = "
     return lines
 
 
+def spread_labels(positions: Sequence[float], gap: float) -> list[float]:
+    """Label positions (same units as ``positions``, any order) moved apart to at least
+    ``gap`` from each other, each as little as possible upwards, in the input's order."""
+    order = sorted(range(len(positions)), key=lambda i: positions[i])
+    placed = [0.0] * len(positions)
+    floor = float("-inf")
+    for i in order:
+        placed[i] = max(positions[i], floor + gap)
+        floor = placed[i]
+    return placed
+
+
+def _one_two_five(low: float, high: float) -> list[float]:
+    """1, 2, 5, 10, 20, 50... between ``low`` and ``high`` (tick marks of a log axis)."""
+    ticks = []
+    decade = 10.0 ** math.floor(math.log10(max(low, 1e-9)))
+    while decade <= high:
+        ticks += [m * decade for m in (1, 2, 5) if low <= m * decade <= high]
+        decade *= 10
+    return ticks
+
+
+#: Vertical room (points) for a value label on the chart.
+LABEL_GAP_PT: Final = 9.0
+
+
 def write_chart(
     runs: Sequence[Mapping[str, Any]], titles: Mapping[str, str], out_dir: Path, baseline: str
 ) -> list[Path]:
     """``compare.svg`` and ``compare.png`` in ``out_dir``: PSS per node against pods
-    per node, one line per mode; returns the paths written."""
+    per node, one line per mode, each point labelled with its value; returns the
+    paths written."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display, no GUI toolkit
@@ -181,21 +232,14 @@ def write_chart(
             by_mode.setdefault(run["mode"], []).append((int(run["pods_per_node"]), pss / 1024))
     if not by_mode:
         raise ValueError("no run has a memory figure to chart")
-    figure = Figure(figsize=(7.0, 4.2), dpi=110)
+    figure = Figure(figsize=(7.5, 5.4), dpi=110)
     axes = figure.add_subplot()
-    for index, (mode, points) in enumerate(by_mode.items()):
+    colors: dict[str, Any] = {}
+    for mode, points in by_mode.items():
         points.sort()
         xs, ys = [p[0] for p in points], [p[1] for p in points]
         (line,) = axes.plot(xs, ys, marker="o", label=titles.get(mode, mode))
-        for x, y in points:  # labels of close lines stacked, not on top of each other
-            axes.annotate(
-                f"{y:.0f}",
-                (x, y),
-                textcoords="offset points",
-                xytext=(6, 4 - 10 * index),
-                fontsize=8,
-                color=line.get_color(),
-            )
+        colors[mode] = line.get_color()
     if baseline in by_mode:
         points = sorted(by_mode[baseline])
         axes.plot(
@@ -206,23 +250,53 @@ def write_chart(
             label=f"target: {TARGET_SHARE:.0%} of {baseline}",
         )
     values = [y for points in by_mode.values() for _, y in points]
-    if max(values) / max(min(values), 1e-9) > 20:
+    if max(values) / max(min(values), 1e-9) > 5:
         axes.set_yscale("log")  # ztunnel and a hundred sidecars on one readable chart
+        low, high = axes.get_ylim()
+        ticks = _one_two_five(low, high)
+        axes.set_yticks(ticks, [f"{t:g}" for t in ticks])
+        axes.set_yticks([], minor=True)
     else:
         axes.set_ylim(bottom=0)
-    axes.margins(x=0.08)  # room for the value labels at both ends
+    axes.margins(x=0.1)  # room for the value labels at both ends
     axes.set_xticks(sorted({x for points in by_mode.values() for x, _ in points}))
     axes.set_xlabel("pods per node")
     axes.set_ylabel("proxy memory per node, PSS (MiB)")
     axes.set_title("Proxy memory per node: ambient vs sidecar")
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize=8)
+    # below the plot: with six modes, a legend inside would hide lines
+    axes.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     figure.tight_layout()
+    # Value labels right of each point; at one pod count, close values (two Envoy
+    # modes within 1%) are spread apart so that each stays readable.
+    points_per_pt = figure.dpi / 72
+    by_x: dict[int, list[tuple[str, float]]] = {}
+    for mode, points in by_mode.items():
+        for x, y in points:
+            by_x.setdefault(x, []).append((mode, y))
+    for x, labels in by_x.items():
+        heights = [float(axes.transData.transform((x, y))[1]) / points_per_pt for _, y in labels]
+        for (mode, y), height, placed in zip(
+            labels, heights, spread_labels(heights, LABEL_GAP_PT), strict=True
+        ):
+            axes.annotate(
+                f"{y:.0f}",
+                (x, y),
+                textcoords="offset points",
+                xytext=(7, placed - height - 3),
+                fontsize=8,
+                color=colors[mode],
+            )
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": CHART_NAME}):
         for suffix in ("svg", "png"):
             path = out_dir / f"{CHART_NAME}.{suffix}"
-            figure.savefig(path, format=suffix, metadata={"Date": None} if suffix == "svg" else {})
+            figure.savefig(
+                path,
+                format=suffix,
+                bbox_inches="tight",
+                metadata={"Date": None} if suffix == "svg" else {},
+            )
             written.append(path)
     return written

@@ -213,7 +213,9 @@ class Comparison:
                 "PSS total of the node's proxies in one sample",
                 "cpu": "utime + stime from /proc/<pid>/stat, difference over the load",
                 "load": "one `fortio load` per client pod, all at once, one keep-alive "
-                "connection each, HTTP GET to `fortio server` in the paired pod on the next node",
+                "connection each, HTTP GET to `fortio server` in the paired pod on the next node "
+                "(mode waypoint: to the namespace's service VIP, which the client's ztunnel "
+                "sends through the waypoint to one of the service's pods)",
             },
             "labs": [],
             "runs": self.runs,
@@ -395,11 +397,12 @@ class Comparison:
             result = loadgen.parse_result(json.loads(json_path.read_text()))
             if result.ok == 0:
                 raise LoadGenError(f"fortio in {who}: no request answered 200 ({result.requests})")
+            server, server_node = mode.destination(ctx, pair)
             results[index] = {
                 "client": f"{pair.client.namespace}/{pair.client.name}",
                 "client_node": pair.client.node,
-                "server": f"{pair.server.namespace}/{pair.server.name}",
-                "server_node": pair.server.node,
+                "server": server,
+                "server_node": server_node,
                 **result.to_dict(),
             }
 

@@ -369,7 +369,14 @@ async def ensure_sidecar(
 
 
 async def stop_sidecar(paths: LabPaths, pod: Pod) -> bool:
-    return await procs.stop(paths.procs_dir, sidecar_key(pod), timeout=10.0)
+    """Stop the pod's sidecar and revoke its token (the CA re-reads its table)."""
+    stopped = await procs.stop(paths.procs_dir, sidecar_key(pod), timeout=10.0)
+    entries = _token_entries(paths)
+    kept = [e for e in entries if not (e["namespace"] == pod.namespace and e["pod"] == pod.name)]
+    if len(kept) != len(entries):
+        _write_private(tokens_path(paths), json.dumps(kept, indent=2))
+    sidecar_token_path(paths, pod).unlink(missing_ok=True)
+    return stopped
 
 
 async def stop_ztunnel(paths: LabPaths, node: str) -> bool:

@@ -3,9 +3,13 @@
 One run compares mode 2 (ztunnel per node) with mode 1b (Envoy sidecars) on
 2 nodes x 2 pods and checks that the JSON holds real measurements (PSS of
 every proxy process, latencies, ratios to the sidecar baseline, proof of
-mTLS) and that nothing of the labs is left. A second run is stopped with
-SIGTERM while its Envoy sidecars carry load: it must exit 130 and leave
-nothing behind either.
+mTLS) and that nothing of the labs is left. Another runs the ztunnel-side
+modes one after the other in one lab: 3 (a supervisor and a worker per
+service account per node, all measured), 1a (our ztunnel as a sidecar in
+every pod) and 4 (mode 2 plus the waypoint stand-in), each proving mTLS with
+both ends' identities, and each leaving the lab fit for the next. A last run
+is stopped with SIGTERM while its Envoy sidecars carry load: it must exit 130
+and leave nothing behind either.
 
 Each run gets its own ``--prefix``, so leftovers are found by name; if any
 are, they are removed by force and the test fails.
@@ -181,6 +185,104 @@ def test_node_and_envoy_sidecars_measured_side_by_side(tmp_path: Path) -> None:
     assert "PSS/NODE" in proc.stdout  # the table printed too
     for chart in ("compare.svg", "compare.png"):
         assert (out / chart).stat().st_size > 1000
+
+
+def run_compare(prefix: str, out: Path, *args: str, timeout: float) -> str:
+    """Run ``underpass compare``; fail (after the leak check) unless it exits 0; its stdout."""
+    argv = compare_argv(prefix, out, *args)
+    work_dirs: list[Path] = []
+    try:
+        proc = subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False
+        )
+        work_dirs.append(work_dir_of(proc.stdout))
+    finally:
+        check_clean(prefix, work_dirs)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+SPIFFE = "spiffe://cluster.local/ns/compare/sa"
+PODS = ["compare/echo-1-1", "compare/echo-1-2", "compare/echo-2-1", "compare/echo-2-2"]
+
+
+def check_measured(run: dict[str, Any]) -> None:
+    """Every proxy measured (PSS, CPU), every request answered, latencies in order."""
+    for proxy in run["proxies"]:
+        usage = proxy["usage"]
+        for reading in ("idle", "peak", "end"):
+            assert 0 < usage[reading]["pss_kib"] <= usage[reading]["rss_kib"], proxy
+        assert usage["cpu_seconds"] is not None and usage["cpu_seconds"] >= 0
+    summary = run["summary"]
+    assert summary["requests"] >= 100 and summary["errors"] == 0, summary
+    assert 0 < summary["p50_ms"] <= summary["p90_ms"] <= summary["p99_ms"] < 1000
+    assert len(run["load"]["clients"]) == 4
+
+
+def test_ztunnel_side_modes_measured_with_mtls_one_after_the_other(tmp_path: Path) -> None:
+    require_root()
+    prefix = unique_prefix()
+    out = tmp_path / "out"
+    modes = "service-account,sidecar-ztunnel,waypoint"
+    stdout = run_compare(
+        prefix, out, "--modes", modes, "--duration", "3", "--rps", "50", timeout=150
+    )
+    doc: dict[str, Any] = json.loads((out / "compare.json").read_text())
+    assert doc["complete"] is True and doc["tools"]["git"]["commit"]
+    runs = {r["mode"]: r for r in doc["runs"]}
+    assert list(runs) == modes.split(",")
+    for run in runs.values():
+        check_measured(run)
+
+    # mode 3: per node a supervisor and one worker per service account, each measured
+    # and charged to its node; every pair's connection over HBONE with both identities
+    sa = runs["service-account"]
+    assert sa["summary"]["proxy_roles"] == {"ztunnel-supervisor": 2, "ztunnel-worker": 4}
+    for node in ("node-1", "node-2"):
+        mine = [p for p in sa["proxies"] if p["node"] == node]
+        workers = {p["identity"]: p["pid"] for p in mine if p["role"] == "ztunnel-worker"}
+        assert set(workers) == {f"{SPIFFE}/sa-1", f"{SPIFFE}/sa-2"}
+        assert sa["verification"][node]["workers"] == workers
+        assert sa["verification"][node]["hbone_inbound_connections"] >= 2
+        assert sa["verification"][node]["hbone_outbound_connections"] >= 2
+        supervisor = next(p for p in mine if p["role"] == "ztunnel-supervisor")
+        # the node's figure holds the workers too, not the supervisor alone
+        assert sa["node_peak_pss_kib"][node] > 2 * supervisor["usage"]["peak"]["pss_kib"]
+    assert len({p["pid"] for p in sa["proxies"]}) == 6
+
+    # mode 1a: one ztunnel per pod, holding that pod's identity; both ends of every pair
+    side = runs["sidecar-ztunnel"]
+    assert sorted(p["pod"] for p in side["proxies"]) == PODS
+    assert {p["role"] for p in side["proxies"]} == {"ztunnel-sidecar"}
+    for proxy in side["proxies"]:
+        index = PODS.index(proxy["pod"])  # the lab alternates the two service accounts
+        assert proxy["identity"] == f"{SPIFFE}/sa-{index % 2 + 1}"
+    assert set(side["verification"]) == set(PODS)
+    for counts in side["verification"].values():
+        assert counts["mtls_inbound_connections"] >= 1, side["verification"]
+        assert counts["mtls_outbound_connections"] >= 1, side["verification"]
+    # the nodes' shared ztunnels were stopped meanwhile, and back for the next mode
+    sidecar_pids = {p["pid"] for p in side["proxies"]}
+    ztunnels = [p for p in runs["waypoint"]["proxies"] if p["role"] == "ztunnel"]
+    assert len(ztunnels) == 2 and not sidecar_pids & {p["pid"] for p in ztunnels}
+
+    # mode 4: the waypoint counted as a proxy of its node; all clients through it
+    way = runs["waypoint"]
+    assert way["summary"]["proxy_roles"] == {"ztunnel": 2, "waypoint-stand-in": 1}
+    (stand_in,) = [p for p in way["proxies"] if p["role"] == "waypoint-stand-in"]
+    assert stand_in["identity"] == f"{SPIFFE}/waypoint" and stand_in["node"] == "node-1"
+    check = way["verification"]
+    assert check["waypoint"]["mtls_inbound_connections"] >= 4
+    assert set(check["waypoint"]["destinations_by_client"]) == set(PODS)
+    assert (
+        sum(check[n]["mtls_inbound_connections_from_waypoint"] for n in ("node-1", "node-2")) >= 4
+    )
+    assert all("service VIP" in c["server"] for c in way["load"]["clients"])
+    assert any("L4 stand-in" in note for note in doc["modes"][2]["notes"])
+    # the output says what the waypoint is, and what each mode runs
+    assert "3 = 2 ztunnel + 1 waypoint" in stdout
+    assert "6 = 2 supervisor + 4 worker" in stdout
+    assert "note (waypoint): the waypoint is a plain L4 stand-in" in stdout
 
 
 def read_until(proc: subprocess.Popen[bytes], needle: str, timeout: float) -> str:

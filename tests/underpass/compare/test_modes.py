@@ -131,6 +131,16 @@ def test_the_catalog_names_the_registered_modes_in_order() -> None:
     assert set(catalog.DEFAULT_MODES) <= set(MODES)
     assert catalog.BASELINE in MODES
     assert not set(catalog.PLANNED) & set(MODES)
+    # without --modes, every deployment mode of issue 6 runs
+    names = {name: MODES[name]().issue_mode for name in catalog.DEFAULT_MODES}
+    assert set(names.values()) == {"1a", "1b", "2", "3", "4"}
+    assert {m.name for m in (f() for f in MODES.values())} == set(MODES)
+
+
+def test_a_planned_mode_is_named_as_not_available_yet(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(catalog.PLANNED, "l7-waypoint", "4b, the waypoint as an L7 proxy")
+    with pytest.raises(CompareError, match=r"issue 6 mode 4b.*not available yet"):
+        resolve_modes(["l7-waypoint"])
 
 
 def test_resolve_modes() -> None:
@@ -138,8 +148,8 @@ def test_resolve_modes() -> None:
     assert [m.name for m in modes] == ["sidecar-envoy", "node", "sidecar-envoy-default"]
     assert isinstance(modes[2], SidecarEnvoyMode) and modes[2].concurrency is None
     assert isinstance(modes[0], SidecarEnvoyMode) and modes[0].concurrency == 1
-    with pytest.raises(CompareError, match=r"issue 6 mode 3.*not available yet"):
-        resolve_modes(["service-account"])
+    issue_modes = [m.issue_mode for m in resolve_modes(list(catalog.AVAILABLE))]
+    assert issue_modes == ["2", "3", "4", "1a", "1b", "1b"]
     with pytest.raises(CompareError, match="unknown mode 'nope'"):
         resolve_modes(["nope"])
     with pytest.raises(CompareError, match="named twice"):

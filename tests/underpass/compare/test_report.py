@@ -117,6 +117,24 @@ def test_table_has_a_row_per_run_and_the_ratio_column() -> None:
     assert report.render_table(lonely, BASELINE).splitlines()[1].split()[-1] == "-"
 
 
+def test_the_proxies_column_says_what_they_are_when_a_mode_runs_several_kinds() -> None:
+    run = fake_run("waypoint", 5, 40, 1, 0.5)
+    for proxy in run["proxies"]:
+        proxy["role"] = "ztunnel"
+    run["proxies"].append({**run["proxies"][0], "pid": 7, "role": "waypoint-stand-in"})
+    run["summary"] = report.summarize(run)
+    assert run["summary"]["proxy_roles"] == {"ztunnel": 2, "waypoint-stand-in": 1}
+    assert report.proxies_cell(run["summary"]) == "3 = 2 ztunnel + 1 waypoint"
+    assert "3 = 2 ztunnel + 1 waypoint" in report.render_table([run], BASELINE)
+    workers = fake_run("service-account", 5, 30, 2, 0.5)
+    for index, proxy in enumerate(workers["proxies"]):
+        proxy["role"] = "ztunnel-supervisor" if index in (0, 2) else "ztunnel-worker"
+    assert report.proxies_cell(report.summarize(workers)) == "4 = 2 supervisor + 2 worker"
+    assert report.proxies_cell(fake_run("node", 5, 40, 1, 0.5)["summary"]) == "2"
+    # a JSON written before roles were counted still renders
+    assert report.proxies_cell({"proxies": 6}) == "6"
+
+
 def test_percent_and_mib_formatting() -> None:
     assert report.percent(0.0412) == "4.1%"
     assert report.percent(0.5) == "50%"
@@ -177,7 +195,7 @@ def test_run_record_from_a_real_sampler_has_the_json_shape() -> None:
     }
     assert doc["mode"] == "node" and doc["title"] == NodeMode.title
     for proxy in doc["proxies"]:
-        assert set(proxy) == {"pid", "role", "node", "pod", "usage"}
+        assert set(proxy) == {"pid", "role", "node", "pod", "identity", "usage"}
         for reading in ("idle", "peak", "end"):
             assert proxy["usage"][reading]["pss_kib"] > 0
         assert proxy["usage"]["cpu_seconds"] >= 0
@@ -185,6 +203,7 @@ def test_run_record_from_a_real_sampler_has_the_json_shape() -> None:
     assert all(set(s) == {"t_s", "node-1", "node-2"} for s in doc["node_pss_samples_kib"])
     summary = doc["summary"]
     assert summary["proxies"] == 2 and summary["pss_per_node_kib"] > 0
+    assert summary["proxy_roles"] == {"ztunnel": 2}
     assert summary["pss_per_pod_kib"] == pytest.approx(summary["pss_per_node_kib"] / 2, abs=0.1)
     assert summary["p50_ms"] == pytest.approx(2.0)
     report.add_ratios([doc], BASELINE)
@@ -205,6 +224,14 @@ def test_chart_files_are_written_and_hold_a_line_per_mode(tmp_path: Path) -> Non
     assert "pods per node" in svg
     again = report.write_chart(runs(), titles, tmp_path / "again", BASELINE)
     assert again[0].read_text() == svg  # reproducible: no date, fixed ids
+
+
+def test_chart_labels_of_close_values_are_spread_apart() -> None:
+    assert report.spread_labels([10.0, 100.0], 9) == [10.0, 100.0]  # far apart: unchanged
+    # two Envoy modes within 1% of each other, given in any order
+    assert report.spread_labels([50.5, 50.0, 200.0], 9) == [59.0, 50.0, 200.0]
+    placed = report.spread_labels([5.0, 1.0, 3.0, 2.0], 4)
+    assert sorted(placed) == [1.0, 5.0, 9.0, 13.0] and placed[1] == 1.0
 
 
 def test_chart_refuses_runs_without_memory(tmp_path: Path) -> None:
