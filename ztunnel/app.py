@@ -27,27 +27,29 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
 
-from identity.certmanager import CaClientSigner, CertificateManager, CertificateSigner
-from identity.client import CaClient
+from identity.certmanager import CertificateManager, CertificateSigner
 from identity.spiffe import SpiffeId
 from underpass.zds import WorkloadInfo
 from ztunnel import dump
 from ztunnel.admin import serve_admin, serve_metrics, serve_readiness
+from ztunnel.ca_signer import GrpcLiteCaSigner
 from ztunnel.connections import ConnectionTracker
 from ztunnel.dedicated import DedicatedPod
 from ztunnel.identities import NodeIdentities
 from ztunnel.isolation import IsolatingPodManager, SupervisorSigner, XdsRelay, worker_command
-from ztunnel.local_config import LocalConfigSource
 from ztunnel.metrics import ZtunnelMetrics
 from ztunnel.pod import ProxySettings, Shared
 from ztunnel.pods import PodManager
 from ztunnel.state.store import StateStore
 from ztunnel.xds_source import XdsSource, XdsTls, ZtunnelNode
+
+if TYPE_CHECKING:
+    from ztunnel.local_config import LocalConfigSource
 
 log = structlog.get_logger("ztunnel")
 
@@ -309,6 +311,9 @@ class Ztunnel:
     async def _start_state_source(self, nursery: trio.Nursery) -> None:
         config = self.config
         if config.local_config is not None:
+            # Imported here: the file format (YAML) is loaded only when a file is the source.
+            from ztunnel.local_config import LocalConfigSource
+
             self.local = LocalConfigSource(config.local_config, self.store.claim_writer("local"))
             await nursery.start(self.local.run)
             return
@@ -365,14 +370,14 @@ def _ca_signer(config: ZtunnelConfig, *, impersonate: bool) -> CertificateSigner
     if config.ca is None:
         raise ValueError("no CA configured (--ca-address)")
     ca = config.ca
-    client = CaClient(
+    return GrpcLiteCaSigner(
         ca.address,
         ca.root_pem,
         ca.token,
         server_name=ca.server_name,
         cluster_id=config.proxy.cluster,
+        impersonate=impersonate,
     )
-    return CaClientSigner(client, impersonate=impersonate)
 
 
 async def run_ztunnel(

@@ -43,9 +43,8 @@ import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-import grpc
 import structlog
 import trio
 
@@ -54,11 +53,13 @@ from identity.certmanager import CertificateSigner
 from identity.errors import CertificateUnavailable, IdentityError, IdentityNotPermitted
 from identity.spiffe import SpiffeId
 from underpass import zds
-from underpass.xds.grpc_client import CHANNEL_OPTIONS
 from underpass.xds.types import DELTA_METHOD_PATH
 from ztunnel.inpod import PodNetns
 from ztunnel.pod import Shared
 from ztunnel.pods import PodManager, PodSummary
+
+if TYPE_CHECKING:
+    import grpc
 
 log = structlog.get_logger("ztunnel.isolation")
 
@@ -157,7 +158,8 @@ class XdsRelay:
 
     Serves on ``unix:<dir>/xds.sock`` in a private directory; only the one
     method is relayed (anything else: UNIMPLEMENTED). Blocking gRPC: it runs
-    on grpcio's own threads, outside trio.
+    on grpcio's own threads, outside trio. grpcio is imported only when a relay
+    is made: the other modes never load it.
     """
 
     def __init__(
@@ -169,6 +171,10 @@ class XdsRelay:
         token: Callable[[], str] | None,
         max_workers: int = 64,
     ) -> None:
+        import grpc
+
+        from underpass.xds.grpc_client import CHANNEL_OPTIONS
+
         self._directory = tempfile.mkdtemp(prefix="ztunnel-relay-")
         self.address = f"unix:{self._directory}/xds.sock"
         options = list(CHANNEL_OPTIONS)
@@ -202,6 +208,8 @@ class XdsRelay:
         shutil.rmtree(self._directory, ignore_errors=True)
 
     def _relay(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        import grpc  # loaded by __init__ already
+
         metadata: tuple[tuple[str, str | bytes], ...] = ()
         if self._token is not None:
             metadata = (("authorization", f"Bearer {self._token()}"),)

@@ -6,27 +6,25 @@ state store besides :mod:`ztunnel.local_config`, never beside it.
 
 How it works:
 
-- One worker thread runs the blocking grpcio stream
-  (:class:`~underpass.xds.grpc_client.DeltaStream` under
-  :func:`~underpass.xds.grpc_client.run_with_reconnect`): a wildcard
-  subscription to ``istio.workload.Address`` and
-  ``istio.security.Authorization``, a fresh channel per attempt (so a
-  restarted control plane is reached at once, not after gRPC's own connection
-  backoff), exponential backoff between attempts, and
-  ``initial_resource_versions`` on every reconnect so that only changes travel.
-- Every response is checked and converted in that thread
+- One trio task (:meth:`XdsSource.run`) runs the stream over
+  :mod:`underpass.grpclite` (no grpcio, no thread): a wildcard subscription
+  to ``istio.workload.Address`` and ``istio.security.Authorization``, a
+  fresh connection per attempt (so a restarted control plane is reached at
+  once), exponential backoff between attempts, and
+  ``initial_resource_versions`` on every reconnect so that only changes
+  travel. HTTP/2 keepalive PINGs notice a control plane that vanished.
+- Every response is checked and converted before anything is kept
   (:func:`ztunnel.state.xds_decoders`, :func:`ztunnel.state.batch_from_xds`):
   one that ztunnel cannot use is NACKed as a whole, with the reason as the
-  NACK's ``error_detail``, and changes nothing. Accepted responses travel to
-  trio as :class:`~ztunnel.state.Batch` es over a memory channel; only the
-  trio task applies them, through the store's one :class:`StateWriter`.
+  NACK's ``error_detail``, and changes nothing. An accepted response is
+  applied through the store's one :class:`StateWriter`, then ACKed.
 - Delta responses are deltas, so every batch is applied on top of the state
   (never a replacement): on the first stream the state starts empty, and on a
   reconnect the server sends the changes since the versions we hold, plus
   removals for what no longer exists.
 - The store is marked ready once both types have answered (the first full
   state); until then ztunnel does not serve. When the control plane goes away
-  the last state stays served unchanged and the thread reconnects.
+  the last state stays served unchanged and the task reconnects.
 - :meth:`XdsSource.status` is the admin view; :meth:`XdsSource.wait_until`
   waits for a condition on it. Readers of the state use ``store.wait_changed``.
 
@@ -36,16 +34,13 @@ stream) is never logged, and is refused over plaintext.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import ipaddress
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
-import grpc
 import structlog
 import trio
 from cryptography import x509
@@ -54,6 +49,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf.message import DecodeError, Message
 from google.rpc import status_pb2
 
+from underpass import grpclite
 from underpass.proto import authorization_pb2, workload_pb2
 from underpass.xds.client import (
     NACK_CODE,
@@ -62,10 +58,9 @@ from underpass.xds.client import (
     ResourcesReceived,
     ResponseRejected,
 )
-from underpass.xds.errors import XdsConnectionError
-from underpass.xds.grpc_client import CHANNEL_OPTIONS, DeltaStream, run_with_reconnect
 from underpass.xds.node import build_node, ztunnel_node_id
 from underpass.xds.types import (
+    DELTA_METHOD_PATH,
     MESSAGE_TYPES,
     TYPE_URL_PREFIX,
     WORKLOAD_TYPE_URLS,
@@ -73,16 +68,20 @@ from underpass.xds.types import (
     authorization_resource_name,
 )
 from ztunnel.errors import ZtunnelError
-from ztunnel.state import Batch, Snapshot, StateWriter, batch_from_xds, xds_decoders
+from ztunnel.state import Snapshot, StateWriter, batch_from_xds, xds_decoders
 
 log = structlog.get_logger("ztunnel.xds_source")
 
-#: How long stopping waits for the worker thread before giving up on it (it is a daemon).
-STOP_TIMEOUT: Final = 10.0
+#: The connection to the control plane: large pushes, a PING every 30 s while streaming.
+CONNECTION_SETTINGS: Final = grpclite.ConnectionSettings(
+    max_message_size=64 * 1024 * 1024,
+    keepalive_interval=30.0,
+    keepalive_timeout=10.0,
+)
 
 
 class XdsSourceError(ZtunnelError):
-    """The control-plane connection is misconfigured, or its worker thread failed."""
+    """The control-plane connection is misconfigured, or it cannot go on."""
 
 
 # -- settings ---------------------------------------------------------------------------------
@@ -131,9 +130,8 @@ class ZtunnelNode:
 class XdsTls:
     """TLS to the control plane: the roots that sign its certificate (PEM).
 
-    ``server_name`` overrides the name the certificate must carry (gRPC's
-    ``grpc.ssl_target_name_override``), for an address that is an IP or an
-    alias not in the certificate.
+    ``server_name`` overrides the name the certificate must carry (and the
+    SNI sent), for an address that is an IP or an alias not in the certificate.
     """
 
     root_certificates: bytes
@@ -170,38 +168,11 @@ class Backoff:
 TokenProvider = Callable[[], str]
 
 
-# -- reports from the worker thread to trio ---------------------------------------------------
+# -- checking responses -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class _StreamOpening:
-    """A connection attempt begins."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Accepted:
-    event: ResourcesReceived
-    batch: Batch
-
-
-@dataclass(frozen=True, slots=True)
-class _Rejected:
-    event: ResponseRejected
-
-
-@dataclass(frozen=True, slots=True)
-class _StreamClosed:
-    error: str | None  # None: we closed it
-
-
-_Report = _StreamOpening | _Accepted | _Rejected | _StreamClosed
-
-
-class _Stopped(Exception):
-    """The trio side no longer listens: the worker unwinds."""
-
-
-# -- the worker thread ------------------------------------------------------------------------
+class _StreamFailed(Exception):
+    """The current stream cannot go on (its message says why); the source reconnects."""
 
 
 def _short(type_url: str) -> str:
@@ -259,147 +230,17 @@ class _CheckedClient(DeltaClient):
         return ResponseRejected(response.type_url, response.nonce, problem), nack
 
 
-class _ReportingStream(DeltaStream):
-    """A :class:`DeltaStream` that reports how it ended, or fails at once (``setup_error``)."""
-
-    def __init__(
-        self,
-        channel: grpc.Channel,
-        client: DeltaClient,
-        on_event: Callable[[ClientEvent], None],
-        on_closed: Callable[[str | None], None],
-        *,
-        metadata: Sequence[tuple[str, str]] = (),
-        setup_error: str | None = None,
-    ) -> None:
-        super().__init__(channel, client, on_event, metadata=metadata)
-        self._on_closed = on_closed
-        self._setup_error = setup_error
-
-    def run(self) -> None:
-        if self._setup_error is not None:
-            self._on_closed(self._setup_error)
-            raise XdsConnectionError(self._setup_error, "UNAUTHENTICATED")
-        try:
-            super().run()
-        except XdsConnectionError as exc:
-            self._on_closed(str(exc))
-            raise
-        self._on_closed(None)
+def _decode_response(payload: bytes) -> discovery_pb2.DeltaDiscoveryResponse:
+    try:
+        return discovery_pb2.DeltaDiscoveryResponse.FromString(payload)
+    except DecodeError as exc:
+        raise _StreamFailed(
+            f"the control plane sent a message that is not a DeltaDiscoveryResponse ({exc}); "
+            "is the address a Delta ADS server?"
+        ) from None
 
 
-class _Worker:
-    """The thread side of one :meth:`XdsSource.run`: streams, reconnects, reports to trio.
-
-    Everything here runs in the worker thread except :meth:`stop` (any thread).
-    """
-
-    def __init__(
-        self,
-        client: DeltaClient,
-        open_channel: Callable[[], grpc.Channel],
-        call_metadata: Callable[[], list[tuple[str, str]]],
-        backoff: Backoff,
-        reports: trio.MemorySendChannel[_Report],
-        on_exit: Callable[[BaseException | None], None],
-    ) -> None:
-        self._client = client
-        self._open_channel = open_channel
-        self._call_metadata = call_metadata
-        self._backoff = backoff
-        self._reports = reports
-        self._on_exit = on_exit
-        self._token = trio.lowlevel.current_trio_token()
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._stream: DeltaStream | None = None
-        self._channel: grpc.Channel | None = None
-
-    def stop(self) -> None:
-        """End the current stream and the reconnect loop (from any thread)."""
-        with self._lock:
-            self._stop.set()
-            stream = self._stream
-        if stream is not None:
-            stream.close()
-
-    def run(self) -> None:
-        error: BaseException | None = None
-        try:
-            run_with_reconnect(
-                self._connect,
-                self._stop,
-                initial_backoff=self._backoff.initial,
-                max_backoff=self._backoff.maximum,
-                on_stream=self._on_stream,
-            )
-        except _Stopped:
-            pass
-        except BaseException as exc:  # reported to trio, which raises it
-            error = exc
-        finally:
-            self._close_channel()
-        with contextlib.suppress(trio.RunFinishedError):  # trio is gone: nobody waits for us
-            trio.from_thread.run_sync(self._on_exit, error, trio_token=self._token)
-
-    def _post(self, report: _Report) -> None:
-        try:
-            trio.from_thread.run(self._reports.send, report, trio_token=self._token)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.RunFinishedError):
-            raise _Stopped from None
-
-    def _connect(self) -> DeltaStream:
-        self._post(_StreamOpening())
-        self._close_channel()
-        channel = self._open_channel()
-        with self._lock:
-            self._channel = channel
-        setup_error = None
-        metadata: list[tuple[str, str]] = []
-        try:
-            metadata = self._call_metadata()
-        except XdsSourceError as exc:
-            setup_error = str(exc)
-        return _ReportingStream(
-            channel,
-            self._client,
-            self._on_event,
-            self._on_closed,
-            metadata=metadata,
-            setup_error=setup_error,
-        )
-
-    def _on_stream(self, stream: DeltaStream | None) -> None:
-        with self._lock:
-            self._stream = stream
-            stopping = self._stop.is_set()
-        if stream is None:
-            self._close_channel()
-        elif stopping:
-            stream.close()  # stop() ran before the stream was known: run() returns at once
-
-    def _close_channel(self) -> None:
-        with self._lock:
-            channel, self._channel = self._channel, None
-        if channel is not None:
-            channel.close()
-
-    def _on_event(self, event: ClientEvent) -> None:
-        if isinstance(event, ResponseRejected):
-            self._post(_Rejected(event))
-            return
-        # Cannot fail: the decoders converted every resource and _CheckedClient checked the
-        # names before the response was accepted (a failure here is a bug: it ends run()).
-        batch = batch_from_xds(
-            event.type_url, ((r.name, r.message) for r in event.updated), event.removed
-        )
-        self._post(_Accepted(event, batch))
-
-    def _on_closed(self, error: str | None) -> None:
-        self._post(_StreamClosed(error))
-
-
-# -- the trio side ----------------------------------------------------------------------------
+# -- the source -------------------------------------------------------------------------------
 
 
 class XdsSource:
@@ -425,14 +266,13 @@ class XdsSource:
         token: TokenProvider | None = None,
         backoff: Backoff | None = None,
     ) -> None:
-        host, colon, port = address.rpartition(":")
-        local = address.startswith("unix:") and len(address) > len("unix:")
-        bad_port = not port.isdigit() or not 0 < int(port) <= 65535
-        if not local and (not colon or not host.strip("[]") or bad_port):
+        try:
+            self._target = grpclite.Target.parse(address)
+        except ValueError:
             raise XdsSourceError(
                 f"the control-plane address {address!r} must be <host>:<port> ([v6]:port for "
                 "IPv6) or unix:<path> (a local relay)"
-            )
+            ) from None
         if token is not None and tls is None:
             raise XdsSourceError(
                 "a bearer token must not travel in clear: use TLS to the control plane "
@@ -444,6 +284,11 @@ class XdsSource:
         self._tls = tls
         self._token = token
         self._backoff = backoff or Backoff()
+        self._grpc_tls = (
+            grpclite.TlsSettings(tls.root_certificates, tls.server_name)
+            if tls is not None
+            else None
+        )
         self._client = _CheckedClient(node.to_proto(), WORKLOAD_TYPE_URLS, decoders=xds_decoders())
         self._running = False
         self._attempts = 0
@@ -490,7 +335,7 @@ class XdsSource:
         }
 
     async def wait_until(self, condition: Callable[[XdsSource], bool]) -> None:
-        """Wait until ``condition(self)`` holds (it is checked after every report)."""
+        """Wait until ``condition(self)`` holds (checked after every change of the status)."""
         while not condition(self):
             await self._changed.wait()
 
@@ -500,71 +345,60 @@ class XdsSource:
         """Connect and keep the state updated until cancelled.
 
         ``started`` comes at once: readiness is the store's (``store.wait_ready``).
-        On cancel the stream is closed and the worker thread joined.
+        On cancel the stream is cancelled (RST_STREAM) and the connection closed.
         """
         if self._running:
             raise XdsSourceError("this control-plane connection is already running")
         self._running = True
-        reports, receive = trio.open_memory_channel[_Report](0)
-        exited = trio.Event()
-        failure: list[BaseException | None] = []
-
-        def worker_exited(error: BaseException | None) -> None:
-            failure.append(error)
-            reports.close()
-            exited.set()
-
-        worker = _Worker(
-            self._client,
-            self._open_channel,
-            self._call_metadata,
-            self._backoff,
-            reports,
-            worker_exited,
-        )
-        thread = threading.Thread(
-            target=worker.run, name=f"ztunnel-xds {self.address}", daemon=True
-        )
         log.info(
             "connecting to the control plane",
             address=self.address,
             tls=self._tls is not None,
             node_id=self.node.id,
         )
-        thread.start()
         try:
             task_status.started()
-            async for report in receive:
-                self._handle(report)
-            error = failure[0] if failure else None
-            raise XdsSourceError(
-                "the control-plane connection stopped unexpectedly "
-                f"({type(error).__name__}: {error}); this is a bug in ztunnel: report it"
-            ) from error
+            delay = self._backoff.initial
+            while True:
+                answered, error = await self._stream_once()
+                if answered:
+                    delay = self._backoff.initial  # it worked for a while: start over
+                self._stream_closed(error, retry_in=delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, self._backoff.maximum)
         finally:
-            worker.stop()
-            receive.close()  # a report in flight fails: the worker unwinds
-            with trio.move_on_after(STOP_TIMEOUT, shield=True):
-                await exited.wait()
-            if exited.is_set():
-                thread.join()  # its last act was to tell us it is done
-            else:
-                log.error(
-                    "the control-plane connection thread did not stop in time; leaving it",
-                    address=self.address,
-                )
             self._connected = False
             self._running = False
             self._notify()
 
-    def _open_channel(self) -> grpc.Channel:
-        options = list(CHANNEL_OPTIONS)
-        if self._tls is None:
-            return grpc.insecure_channel(self.address, options=options)
-        if self._tls.server_name:
-            options.append(("grpc.ssl_target_name_override", self._tls.server_name))
-        credentials = grpc.ssl_channel_credentials(root_certificates=self._tls.root_certificates)
-        return grpc.secure_channel(self.address, credentials, options=options)
+    async def _stream_once(self) -> tuple[bool, str]:
+        """One connection and stream, until it ends: whether a response arrived, and why
+        it ended (always a failure: the control plane is not meant to end the stream)."""
+        self._attempt_started()
+        responses = 0
+        try:
+            metadata = self._call_metadata()
+            async with (
+                grpclite.connect(
+                    self._target, tls=self._grpc_tls, settings=CONNECTION_SETTINGS
+                ) as connection,
+                connection.stream(DELTA_METHOD_PATH, metadata=metadata) as call,
+            ):
+                for request in self._client.start_stream():
+                    await call.send(request.SerializeToString())
+                async for payload in call:
+                    responses += 1
+                    event, answer = self._client.receive(_decode_response(payload))
+                    self._on_event(event)
+                    await call.send(answer.SerializeToString())
+            error = "the control plane ended the discovery stream (status OK)"
+        except grpclite.GrpcError as exc:
+            error = f"the discovery stream failed ({exc.code.name}): {exc.details}"
+        except (XdsSourceError, _StreamFailed) as exc:
+            error = str(exc)
+        finally:
+            self._client.stream_ended()
+        return responses > 0, error
 
     def _call_metadata(self) -> list[tuple[str, str]]:
         """The stream's metadata; XdsSourceError (never naming the token) if there is none."""
@@ -584,43 +418,50 @@ class XdsSource:
             )
         return [("authorization", f"Bearer {token}")]
 
-    # -- reports (trio thread) ------------------------------------------------------------
+    # -- what happened on the stream --------------------------------------------------------
 
-    def _handle(self, report: _Report) -> None:
-        if isinstance(report, _StreamOpening):
-            if self._attempts:
-                self.reconnects += 1
-            self._attempts += 1
-        elif isinstance(report, _Accepted):
-            self._response_arrived()
-            self.acks += 1
-            self._apply(report)
-        elif isinstance(report, _Rejected):
-            self._response_arrived()
+    def _attempt_started(self) -> None:
+        if self._attempts:
+            self.reconnects += 1
+        self._attempts += 1
+        self._notify()
+
+    def _on_event(self, event: ClientEvent) -> None:
+        self._response_arrived()
+        if isinstance(event, ResponseRejected):
             self.nacks += 1
-            self.last_error = f"NACK of {_short(report.event.type_url)}: {report.event.error}"
+            self.last_error = f"NACK of {_short(event.type_url)}: {event.error}"
             log.warning(
                 "rejected a control-plane update (NACK); keeping the last good state",
                 address=self.address,
-                type_url=_short(report.event.type_url),
-                nonce=report.event.nonce,
-                error=report.event.error,
+                type_url=_short(event.type_url),
+                nonce=event.nonce,
+                error=event.error,
             )
         else:
-            self._connected = False
-            if report.error is not None:
-                self.last_error = report.error
-                log.warning(
-                    "lost the control-plane connection; serving the last state and reconnecting",
-                    address=self.address,
-                    error=report.error,
-                    ready=self._ready,
-                )
+            self.acks += 1
+            self._apply(event)
         self._notify()
 
-    def _apply(self, report: _Accepted) -> None:
-        event = report.event
-        snapshot = self._writer.apply(report.batch)
+    def _stream_closed(self, error: str, *, retry_in: float) -> None:
+        self._connected = False
+        self.last_error = error
+        log.warning(
+            "lost the control-plane connection; serving the last state and reconnecting",
+            address=self.address,
+            error=error,
+            ready=self._ready,
+            retry_in=round(retry_in, 3),
+        )
+        self._notify()
+
+    def _apply(self, event: ResourcesReceived) -> None:
+        # Cannot fail: the decoders converted every resource and _CheckedClient checked the
+        # names before the response was accepted (a failure here is a bug: it ends run()).
+        batch = batch_from_xds(
+            event.type_url, ((r.name, r.message) for r in event.updated), event.removed
+        )
+        snapshot = self._writer.apply(batch)
         self._synced.add(event.type_url)
         if not self._ready and self._synced.issuperset(WORKLOAD_TYPE_URLS):
             snapshot = self._writer.mark_ready()
@@ -662,7 +503,7 @@ class XdsSource:
 
 
 __all__ = [
-    "STOP_TIMEOUT",
+    "CONNECTION_SETTINGS",
     "Backoff",
     "TokenProvider",
     "XdsSource",

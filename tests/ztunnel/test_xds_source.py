@@ -2,14 +2,19 @@
 
 The control plane is :class:`discovery.server.DiscoveryServer` fed by a
 :class:`discovery.registry.MemoryRegistry` whose model the tests change; the
-state arrives through the real translation, Delta ADS and ztunnel's conversion.
-Every wait is on the store (``wait_changed`` / ``wait_ready``) or on the
-source's status (``wait_until``), bounded by ``trio.fail_after``; nothing sleeps.
+state arrives through the real translation, Delta ADS (ztunnel's side over
+:mod:`underpass.grpclite`, no grpcio, no thread) and ztunnel's conversion. On
+the TLS port the server authenticates xDS clients with the lab token file
+written here. Every wait is on the store (``wait_changed`` / ``wait_ready``)
+or on the source's status (``wait_until``), bounded by ``trio.fail_after``;
+only the server's client gauge, which has no event, is polled.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -20,6 +25,7 @@ import grpc
 import pytest
 import structlog.testing
 import trio
+import yaml
 from cryptography.hazmat.primitives import serialization
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
@@ -37,6 +43,7 @@ from discovery.model import (
 )
 from discovery.registry import MemoryRegistry
 from discovery.server import DiscoveryServer
+from identity.auth import LabTokenAuthenticator
 from identity.ca import CertificateAuthority
 from underpass.proto import workload_pb2
 from underpass.xds.client import ResourcesReceived, ResponseRejected
@@ -46,6 +53,7 @@ from underpass.xds.types import (
     DELTA_METHOD,
     WORKLOAD_TYPE_URLS,
 )
+from ztunnel.isolation import XdsRelay
 from ztunnel.state import (
     Action,
     AppProtocol,
@@ -82,6 +90,8 @@ NODE = ZtunnelNode(
     cluster_id="Kubernetes",
 )
 AUTHORIZATION_TYPE_URL = WORKLOAD_TYPE_URLS[1]
+#: The lab token of NODE's ztunnel (its namespace is the node's: the server checks that).
+ZTUNNEL_TOKEN = "tok-ztunnel-0123456789abcdef"
 
 
 def uid(name: str) -> str:
@@ -135,8 +145,9 @@ def shop_model(*, policies: bool = True) -> Model:
 class Servers:
     """Starts discovery servers for a test and stops every one of them at the end."""
 
-    def __init__(self, ca: CertificateAuthority) -> None:
+    def __init__(self, ca: CertificateAuthority, authenticator: LabTokenAuthenticator) -> None:
         self.ca = ca
+        self.authenticator = authenticator
         self.running: list[DiscoveryServer] = []
         self.metrics: dict[DiscoveryServer, CollectorRegistry] = {}
 
@@ -159,6 +170,7 @@ class Servers:
         server = DiscoveryServer(
             registry,
             ca=self.ca,
+            xds_authenticator=self.authenticator,
             listen="127.0.0.1:0",
             serving_dns_names=["localhost"],
             serving_ips=[],
@@ -188,8 +200,25 @@ def ca(tmp_path: Path) -> CertificateAuthority:
 
 
 @pytest.fixture
-def servers(ca: CertificateAuthority) -> Iterator[Servers]:
-    servers = Servers(ca)
+def tokens(tmp_path: Path) -> LabTokenAuthenticator:
+    """The control plane's authenticator: one token, NODE's ztunnel."""
+    entry = {
+        "token": ZTUNNEL_TOKEN,
+        "namespace": NODE.pod_namespace,
+        "service_account": "ztunnel",
+        "pod": NODE.pod_name,
+        "node": NODE.node_name,
+    }
+    path = tmp_path / "tokens.yaml"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(yaml.safe_dump([entry]))
+    return LabTokenAuthenticator(path, TD)
+
+
+@pytest.fixture
+def servers(ca: CertificateAuthority, tokens: LabTokenAuthenticator) -> Iterator[Servers]:
+    servers = Servers(ca, tokens)
     try:
         yield servers
     finally:
@@ -233,8 +262,31 @@ async def wait_for_source(source: XdsSource, condition: Callable[[XdsSource], bo
         await source.wait_until(condition)
 
 
-def our_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("ztunnel-xds")]
+@contextlib.contextmanager
+def threads_started_here() -> Iterator[list[threading.Thread]]:
+    """Threads started from this (the trio) thread while the block runs.
+
+    The servers' own threads start from their threads (or before the block).
+    """
+    started: list[threading.Thread] = []
+    original = threading.Thread.start
+    here = threading.current_thread()
+
+    def start(thread: threading.Thread) -> None:
+        if threading.current_thread() is here:
+            started.append(thread)
+        original(thread)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(threading.Thread, "start", start)
+        yield started
+
+
+async def wait_for_clients(servers: Servers, server: DiscoveryServer, count: int) -> None:
+    """Until the server counts ``count`` xDS clients (a gauge: polled, bounded)."""
+    with trio.fail_after(WAIT):
+        while servers.metric(server, "underpass_xds_clients") != count:  # noqa: ASYNC110
+            await trio.sleep(0.01)
 
 
 # -- full state, deltas, readiness ----------------------------------------------------------
@@ -519,7 +571,7 @@ async def test_tls_with_the_mesh_root_and_the_name_override(
     store = StateStore()
     tls = XdsTls(ca.root_bundle_pem.encode(), server_name="localhost")
     source = XdsSource(
-        server.tls_address, store.claim_writer("xds"), NODE, tls=tls, token=lambda: "t0k"
+        server.tls_address, store.claim_writer("xds"), NODE, tls=tls, token=lambda: ZTUNNEL_TOKEN
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(source.run)
@@ -636,7 +688,7 @@ async def test_a_failing_token_source_is_retried_and_never_logged(
         attempts.append(1)
         if len(attempts) < 3:
             raise OSError("cannot read /var/run/secrets/tokens/secret-detail")
-        return "good-token"
+        return ZTUNNEL_TOKEN
 
     store = StateStore()
     with structlog.testing.capture_logs() as logs:
@@ -655,7 +707,7 @@ async def test_a_failing_token_source_is_retried_and_never_logged(
             nursery.cancel_scope.cancel()
     assert len(attempts) == 3 and source.reconnects == 2
     assert "bearer token" in str(source.last_error)
-    assert not any("secret-detail" in repr(e) or "good-token" in repr(e) for e in logs)
+    assert not any("secret-detail" in repr(e) or ZTUNNEL_TOKEN in repr(e) for e in logs)
 
 
 def test_settings_are_checked_when_built(ca: CertificateAuthority) -> None:
@@ -686,29 +738,22 @@ def test_settings_are_checked_when_built(ca: CertificateAuthority) -> None:
 # -- stopping -------------------------------------------------------------------------------
 
 
-async def test_cancel_closes_the_stream_and_leaves_no_thread(servers: Servers) -> None:
+async def test_cancel_closes_the_stream_and_starts_no_thread(servers: Servers) -> None:
     server = servers.plaintext(MemoryRegistry(shop_model()))
-    before = set(threading.enumerate())
     store = StateStore()
     source = XdsSource(server.plaintext_address, store.claim_writer("xds"), NODE, backoff=FAST)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(source.run)
-        with trio.fail_after(WAIT):
-            await store.wait_ready()
-        assert len(our_threads()) == 1
-        assert servers.metric(server, "underpass_xds_clients") == 1
-        nursery.cancel_scope.cancel()
-    # run() joined its thread before returning.
-    assert our_threads() == []
-    assert not source.connected
-    # grpcio's client threads for the channel end with it (asyncio_N threads are the
-    # discovery server's event-loop executor, started by its first client: server side).
-    client_side = [
-        t for t in set(threading.enumerate()) - before if not t.name.startswith("asyncio_")
-    ]
-    for thread in client_side:
-        thread.join(WAIT)
-        assert not thread.is_alive(), thread.name
+    with threads_started_here() as started:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(source.run)
+            with trio.fail_after(WAIT):
+                await store.wait_ready()
+            await wait_for_clients(servers, server, 1)
+            nursery.cancel_scope.cancel()
+    # The stream ran in the trio task itself: no worker thread, no grpcio threads.
+    assert started == []
+    assert not source.connected and not source.status()["connected"]
+    # The cancel reached the server: it lets the stream go.
+    await wait_for_clients(servers, server, 0)
     # The state stays as it was; a new run continues from it.
     assert store.ready and len(store.snapshot.workloads) == 2
 
@@ -725,8 +770,8 @@ async def test_cancel_during_backoff_returns_at_once(servers: Servers) -> None:
             await nursery.start(source.run)
             await source.wait_until(lambda s: s.last_error is not None)
             nursery.cancel_scope.cancel()
-    assert our_threads() == []
     assert "UNAVAILABLE" in str(source.last_error) and not store.ready
+    assert "connect" in str(source.last_error)
 
 
 async def test_run_twice_at_once_is_refused(servers: Servers) -> None:
@@ -738,4 +783,92 @@ async def test_run_twice_at_once_is_refused(servers: Servers) -> None:
         with pytest.raises(XdsSourceError, match="already running"):
             await source.run()
         nursery.cancel_scope.cancel()
-    assert our_threads() == []
+    assert not source.connected
+
+
+# -- transport specifics ----------------------------------------------------------------------
+
+
+async def test_a_token_the_control_plane_refuses_is_reported_never_logged(
+    servers: Servers, ca: CertificateAuthority
+) -> None:
+    server = servers.tls(MemoryRegistry(shop_model()))
+    store = StateStore()
+    refused = "tok-unknown-0123456789abcdef"
+    with structlog.testing.capture_logs() as logs:
+        source = XdsSource(
+            server.tls_address,
+            store.claim_writer("xds"),
+            NODE,
+            tls=XdsTls(ca.root_bundle_pem.encode(), server_name="localhost"),
+            token=lambda: refused,
+            backoff=FAST,
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(source.run)
+            await wait_for_source(source, lambda s: s.reconnects >= 1)
+            nursery.cancel_scope.cancel()
+    # The server's own refusal arrives, percent-decoded, as the stream's error.
+    error = str(source.last_error)
+    assert "UNAUTHENTICATED" in error and "lab token file" in error
+    assert not store.ready and source.acks == 0
+    assert refused not in error and not any(refused in repr(e) for e in logs)
+    refusals = servers.metric(
+        server, "underpass_xds_auth_refused_total", reason="authentication_failed"
+    )
+    assert refusals >= 1
+
+
+async def test_through_the_isolation_relay_on_a_unix_socket(servers: Servers) -> None:
+    """A mode-3 worker's path: unix:<path> to the supervisor's grpcio relay, plaintext."""
+    server = servers.plaintext(MemoryRegistry(shop_model()))
+    relay = XdsRelay(server.plaintext_address, root_pem=None, server_name=None, token=None)
+    relay.start()
+    try:
+        assert relay.address.startswith("unix:")
+        store = StateStore()
+        source = XdsSource(relay.address, store.claim_writer("xds"), NODE, backoff=FAST)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(source.run)
+            with trio.fail_after(WAIT):
+                snapshot = await store.wait_ready()
+            assert set(snapshot.workloads) == {uid("web-0"), uid("client-0")}
+            assert source.connected and source.status()["address"] == relay.address
+            nursery.cancel_scope.cancel()
+    finally:
+        await trio.to_thread.run_sync(relay.stop)
+
+
+class GarbageServer:
+    """A TCP server that answers anything with bytes that are not HTTP/2."""
+
+    def __init__(self) -> None:
+        self.listener = trio.socket.socket()
+        self.connections = 0
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        with self.listener:
+            await self.listener.bind(("127.0.0.1", 0))
+            self.listener.listen()
+            task_status.started(self.listener.getsockname()[1])
+            while True:
+                conn, _ = await self.listener.accept()
+                self.connections += 1
+                with conn:
+                    await conn.send(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                    while await conn.recv(65536):  # until the client hangs up
+                        pass
+
+
+async def test_a_server_that_does_not_speak_http2_fails_the_stream_cleanly() -> None:
+    garbage = GarbageServer()
+    store = StateStore()
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(garbage.serve)
+        source = XdsSource(f"127.0.0.1:{port}", store.claim_writer("xds"), NODE, backoff=FAST)
+        await nursery.start(source.run)
+        await wait_for_source(source, lambda s: s.reconnects >= 2)
+        nursery.cancel_scope.cancel()
+    assert garbage.connections >= 2
+    assert "INTERNAL" in str(source.last_error) and "HTTP/2" in str(source.last_error)
+    assert not source.connected and not store.ready
