@@ -1,4 +1,4 @@
-"""Benchmark: the HBONE tunnel on loopback, fast TLS stream against trio.SSLStream.
+"""Benchmark: the HBONE tunnel on loopback, with each of our TLS streams and trio.SSLStream.
 
 Every party is its own process (as in PERFORMANCE-NOTES.md), certificates come
 from a real ``identity.ca`` CA, and the tunnel is the real thing (mTLS 1.3,
@@ -10,19 +10,28 @@ HTTP/2 CONNECT, our settings):
 - ``two-hop``: what ztunnel does: driver -> (TCP) -> outbound relay ->
   (TLS + h2) -> inbound server -> (TCP) -> sink.
 
-``fast`` uses :class:`underpass.hbone.stream.TlsSocketStream` (non-blocking
-``ssl.SSLSocket``) for the HBONE hop; ``sslstream`` uses ``trio.SSLStream``
-(MemoryBIO). The inner TCP hops use :class:`~underpass.hbone.stream.SocketStream`
-in both. Measured per case: bulk throughput (``--bulk-mib`` one way, the sink
-counts and answers at EOF) and 1 KiB ping-pong round trips (p50/p90), plus
-trio task steps per round trip in each process (a wake-up count). With
-``--profile``, a bulk run of ``hbone``/``fast`` is repeated under cProfile in
-every process and the time is split into OpenSSL, h2 (h2/hpack/hyperframe),
-trio's scheduler, our code, socket calls and copies.
+The HBONE hop's TLS transport (``--transports``): ``bio`` is
+:class:`underpass.hbone.stream.TlsBioStream` (MemoryBIOs in large batches,
+what :func:`~underpass.hbone.stream.connect_tls` / ``accept_tls`` make);
+``sslsocket`` is :class:`~underpass.hbone.stream.TlsSocketStream` (a
+non-blocking ``ssl.SSLSocket``); ``sslstream`` is ``trio.SSLStream``
+(MemoryBIO, trio's own, small reads). Loopback is not the network path pods
+use (veth, bridge, nftables), where per-call costs are higher:
+``bench.ztunnel_lab`` measures that. The inner TCP hops use
+:class:`~underpass.hbone.stream.SocketStream` in all. Measured per case: bulk
+throughput (``--bulk-mib`` one way, the sink counts and answers at EOF) and
+1 KiB ping-pong round trips (p50/p90), trio task steps per round trip in
+each process (a wake-up count), and the CPU time (user + system) of every
+process: per GiB for bulk, per round trip for ping-pong (CPU time suffers
+less than wall time from other load on a shared machine). With
+``--profile``, a bulk run of ``hbone`` with the first transport is repeated
+under cProfile in every process and the time is split into OpenSSL, h2
+(h2/hpack/hyperframe), trio's scheduler, our code, socket calls and copies.
 
 Writes JSON (``--out``) and prints a table. Asserts nothing about speed.
 
-    .venv/bin/python -m bench.hbone_relay [--bulk-mib 1024] [--pings 3000] [--repeat 3] [--profile]
+    .venv/bin/python -m bench.hbone_relay [--bulk-mib 1024] [--pings 3000] [--repeat 3]
+        [--transports bio,sslsocket,sslstream] [--topologies hbone,two-hop] [--profile]
 """
 
 from __future__ import annotations
@@ -54,12 +63,21 @@ from identity.tls import (
     TrustBundle,
     client_context,
     server_context,
+    tls_client_socket,
     tls_client_stream,
+    tls_server_socket,
     tls_server_stream,
 )
 from underpass.hbone.headers import SocketAddress
 from underpass.hbone.relay import relay
-from underpass.hbone.stream import SocketStream, accept_tls, connect_tcp, connect_tls
+from underpass.hbone.stream import (
+    SocketStream,
+    TlsSocketStream,
+    accept_tls,
+    connect_tcp,
+    connect_tls,
+    set_tcp_keepalive,
+)
 from underpass.hbone.trio_adapter import (
     HandlerResult,
     HboneClientConnection,
@@ -74,6 +92,9 @@ CLIENT_ID = SpiffeId(TD, "bench", "client")
 HOST = "127.0.0.1"
 BUFFER = 256 * 1024
 MESSAGE = 1024
+TRANSPORTS = ("bio", "sslsocket", "sslstream")
+TOPOLOGIES = ("hbone", "two-hop")
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -163,9 +184,15 @@ async def inbound_role(ready: Callable[[list[int]], None], ca_dir: Path, transpo
     sock = listen()
 
     async def serve(conn: socket.socket) -> None:
-        if transport == "fast":
-            stream: trio.abc.Stream = await accept_tls(conn, context, TD)
-            peer = getattr(stream, "peer", None)
+        if transport == "bio":
+            bio_stream = await accept_tls(conn, context, TD)
+            stream: trio.abc.Stream = bio_stream
+            peer = bio_stream.peer
+        elif transport == "sslsocket":
+            conn.setblocking(False)
+            set_tcp_keepalive(conn)
+            tls, peer = await tls_server_socket(conn, context, TD)
+            stream = TlsSocketStream(tls, peer)
         else:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             plain = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
@@ -180,13 +207,18 @@ async def inbound_role(ready: Callable[[list[int]], None], ca_dir: Path, transpo
 async def hbone_client(
     ca_dir: Path, transport: str, port: int
 ) -> tuple[HboneClientConnection, trio.abc.Stream]:
-    """A client connection (not yet running) and its TLS transport, fast or trio.SSLStream."""
+    """A client connection (not yet running) and its TLS transport (see ``TRANSPORTS``)."""
     cert, bundle = issue(ca_dir, CLIENT_ID)
     context = client_context(cert, bundle)
-    if transport == "fast":
+    if transport == "bio":
         stream: trio.abc.Stream = await connect_tls(
             SocketAddress.of(HOST, port), context, {SERVER_ID}
         )
+    elif transport == "sslsocket":
+        sock = await connect_tcp(SocketAddress.of(HOST, port))
+        set_tcp_keepalive(sock)
+        tls, peer = await tls_client_socket(sock, context, {SERVER_ID})
+        stream = TlsSocketStream(tls, peer)
     else:
         plain = await trio.open_tcp_stream(HOST, port)
         stream, _ = await tls_client_stream(plain, context, {SERVER_ID})
@@ -311,12 +343,35 @@ def children(
             )
             info["count_port"], info["echo_port"] = outbound.ports
         info["pids"] = [child.process.pid for child in started.values()]
+        info["named_pids"] = {name: child.process.pid for name, child in started.items()}
         yield info
     finally:
         for name, child in started.items():
             info["stats"][name] = child.stop()
             if child.profile_file is not None:
                 info["stats"][name]["profile"] = str(child.profile_file)
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a process so far (``None``: this one)."""
+    if pid is None:
+        return time.process_time()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime, stime
+
+
+class CpuMeter:
+    """CPU seconds each process (the driver too) spent between ``start`` and ``stop``."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self._pids: dict[str, int | None] = {"driver": None, **pids}
+        self._start: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._start = {name: cpu_seconds(pid) for name, pid in self._pids.items()}
+
+    def stop(self) -> dict[str, float]:
+        return {name: cpu_seconds(pid) - self._start[name] for name, pid in self._pids.items()}
 
 
 async def bulk(stream: trio.abc.Stream, size: int) -> float:
@@ -338,7 +393,7 @@ async def bulk(stream: trio.abc.Stream, size: int) -> float:
 
 
 async def ping_pong(
-    stream: trio.abc.Stream, count: int, counter: StepCounter, pids: list[int]
+    stream: trio.abc.Stream, count: int, counter: StepCounter, pids: list[int], meter: CpuMeter
 ) -> list[float]:
     message = os.urandom(MESSAGE)
     samples: list[float] = []
@@ -348,6 +403,7 @@ async def ping_pong(
                 os.kill(pid, signal.SIGUSR1)
             await trio.sleep(0.3)  # let every child reset its counters
             counter.steps = counter.io_waits = 0
+            meter.start()
         start = time.perf_counter()
         await stream.send_all(message)
         got = 0
@@ -370,6 +426,7 @@ def run_case(
     counter = StepCounter()
     driver_profile = cProfile.Profile() if profile else None
     with children(workdir, topology, transport, profile is not None) as info:
+        meter = CpuMeter({k: v for k, v in info["named_pids"].items() if k != "sink"})
 
         async def drive() -> None:
             async with contextlib.AsyncExitStack() as stack:
@@ -391,19 +448,26 @@ def run_case(
                     stream = await open_to(info["count_port"])
                     if driver_profile is not None:
                         driver_profile.enable()
+                    meter.start()
                     elapsed = await bulk(stream, args.bulk_mib * 1024 * 1024)
+                    cpu = meter.stop()
                     if driver_profile is not None:
                         driver_profile.disable()
                     await stream.aclose()
                     result["bulk_gbit_s"] = args.bulk_mib * 1024 * 1024 * 8 / elapsed / 1e9
+                    for name, seconds in cpu.items():
+                        result[f"{name}_bulk_cpu_s_per_gib"] = seconds / (args.bulk_mib / 1024)
                 if profile == "bulk":
                     return
                 stream = await open_to(info["echo_port"])
                 if driver_profile is not None:
                     driver_profile.enable()
-                samples = await ping_pong(stream, args.pings, counter, info["pids"])
+                samples = await ping_pong(stream, args.pings, counter, info["pids"], meter)
+                cpu = meter.stop()
                 if driver_profile is not None:
                     driver_profile.disable()
+                for name, seconds in cpu.items():
+                    result[f"{name}_ping_cpu_us_per_rtt"] = seconds / args.pings * 1e6
                 result["driver_steps_per_rtt"] = counter.steps / args.pings
                 await stream.aclose()
                 result["ping_p50_us"] = percentile(samples, 50)
@@ -473,22 +537,35 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
+def _joined(r: dict[str, Any], keys: list[str], digits: int) -> str:
+    return ", ".join(f"{r[k]:.{digits}f}" if k in r else "-" for k in keys)
+
+
 def table(results: list[dict[str, Any]]) -> str:
+    roles = ("driver", "outbound", "inbound")
     lines = [
         f"{'topology':9} {'transport':10} {'bulk Gbit/s':>11} {'p50 us':>8} {'p90 us':>8} "
-        f"{'steps/rtt (driver, out, in, sink)':>36}"
+        f"{'steps/rtt (drv, out, in, sink)':>31} {'bulk CPU s/GiB (drv, out, in)':>30} "
+        f"{'ping CPU us/rtt (drv, out, in)':>31}"
     ]
     for r in results:
-        steps = ", ".join(
-            str(round(r[k], 1)) if k in r else "-"
-            for k in ("driver_steps_per_rtt", "outbound_steps_per_rtt", "inbound_steps_per_rtt",
-                      "sink_steps_per_rtt")
-        )  # fmt: skip
+        steps = _joined(r, [f"{n}_steps_per_rtt" for n in (*roles, "sink")], 1)
+        bulk_cpu = _joined(r, [f"{n}_bulk_cpu_s_per_gib" for n in roles], 2)
+        ping_cpu = _joined(r, [f"{n}_ping_cpu_us_per_rtt" for n in roles], 0)
         lines.append(
             f"{r['topology']:9} {r['transport']:10} {r['bulk_gbit_s']:11.2f} "
-            f"{r['ping_p50_us']:8.0f} {r['ping_p90_us']:8.0f} {steps:>36}"
+            f"{r['ping_p50_us']:8.0f} {r['ping_p90_us']:8.0f} {steps:>31} {bulk_cpu:>30} "
+            f"{ping_cpu:>31}"
         )
     return "\n".join(lines)
+
+
+def _names(text: str, allowed: tuple[str, ...]) -> list[str]:
+    names = [n for n in text.split(",") if n]
+    unknown = [n for n in names if n not in allowed]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(allowed)}, comma-separated")
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -502,7 +579,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--repeat", type=int, default=1, help="runs per case, interleaved; medians (default 1)"
     )
-    parser.add_argument("--profile", action="store_true", help="add profiled runs (hbone/fast)")
+    parser.add_argument(
+        "--transports",
+        type=lambda text: _names(text, TRANSPORTS),
+        default=list(TRANSPORTS),
+        help=f"TLS transports of the HBONE hop (default {','.join(TRANSPORTS)})",
+    )
+    parser.add_argument(
+        "--topologies",
+        type=lambda text: _names(text, TOPOLOGIES),
+        default=list(TOPOLOGIES),
+        help=f"tunnelled topologies (default {','.join(TOPOLOGIES)}; direct always runs)",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="add profiled runs (hbone, the first transport)"
+    )
     parser.add_argument("--out", type=Path, help="write the JSON results here")
     args = parser.parse_args(argv)
     results: list[dict[str, Any]] = []
@@ -510,9 +601,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         CertificateAuthority.load_or_create(workdir / "ca", TD)
         cases = [("direct", "plain")] + [
-            (topology, transport)
-            for topology in ("hbone", "two-hop")
-            for transport in ("fast", "sslstream")
+            (topology, transport) for topology in args.topologies for transport in args.transports
         ]
         runs: dict[tuple[str, str], list[dict[str, Any]]] = {case: [] for case in cases}
         for _ in range(args.repeat):  # round-robin: background noise hits every case alike
@@ -523,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
         profiles: dict[str, Any] | None = None
         if args.profile:
             profiles = {
-                part: run_case(workdir, "hbone", "fast", args, profile=part)["profiles"]
+                part: run_case(workdir, "hbone", args.transports[0], args, profile=part)["profiles"]
                 for part in ("bulk", "ping")
             }
     output = {
@@ -532,6 +621,7 @@ def main(argv: list[str] | None = None) -> int:
         "bulk_mib": args.bulk_mib,
         "repeat": args.repeat,
         "pings": args.pings,
+        "transports": args.transports,
         "results": results,
         "profiles": profiles,
     }  # fmt: skip

@@ -37,13 +37,12 @@ import trio
 
 from identity.errors import IdentityError
 from identity.spiffe import SpiffeId
-from identity.tls import tls_client_socket
 from underpass.hbone.errors import HboneError, UpstreamUnavailable
 from underpass.hbone.headers import Baggage, ConnectRequest, SocketAddress
 from underpass.hbone.pool import HbonePool, PoolKey, open_hbone_pool
 from underpass.hbone.protocol import HboneSettings
 from underpass.hbone.relay import abort_stream, relay
-from underpass.hbone.stream import SocketStream, TlsSocketStream, connect_tcp, set_tcp_keepalive
+from underpass.hbone.stream import SocketStream, connect_tcp, set_tcp_keepalive, start_tls_client
 from underpass.hbone.trio_adapter import (
     HandlerResult,
     HboneServerConnection,
@@ -385,8 +384,7 @@ class PodProxy:
         except OSError:
             sock.close()
             raise
-        tls, peer = await tls_client_socket(sock, context, key.destination_identities)
-        return TlsSocketStream(tls, peer)
+        return await start_tls_client(sock, context, key.destination_identities)
 
     # -- inbound -------------------------------------------------------------------------
 
