@@ -43,7 +43,24 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
+	$(MAKE) --no-print-directory bytecode
 	touch $@
+
+# Bytecode caches, written once: machines that set PYTHONDONTWRITEBYTECODE would
+# otherwise compile every module in every process they start. Plain for every
+# process, and -OO (docstrings dropped) for the proxies, which run with
+# PYTHONOPTIMIZE=2 (see underpass/lab/mesh.py PROXY_ENV). The standard library
+# is compiled where it is writable (pyenv and python.org builds ship it already).
+PY_PACKAGES := underpass ztunnel identity cni discovery waypoint
+.PHONY: bytecode
+bytecode:
+	@echo "==> compiling bytecode (plain and -OO) for the venv and $(PY_PACKAGES)"
+	@site=$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	stdlib=$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])'); \
+	$(BIN)/python -m compileall -q -j0 $(PY_PACKAGES) >/dev/null && \
+	$(BIN)/python -OO -m compileall -q -j0 $(PY_PACKAGES) "$$site" >/dev/null && \
+	{ $(BIN)/python -OO -m compileall -q -j0 -x '/(test|tests|idlelib|lib2to3)/' "$$stdlib" \
+	    >/dev/null 2>&1 || true; }
 
 # k8s test tier: kube-apiserver and etcd built with Go from the Go module proxy,
 # cached in ~/.cache/underpass/k8s/<version>/ (cold: 6-12 min on 2 cores; then instant).
@@ -61,6 +78,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.ca_issuance
 	$(BIN)/python -m bench.hbone_relay
 	$(BIN)/python -m bench.discovery_push
+	$(BIN)/python -m bench.ztunnel_memory
 	$(BIN)/python -m bench.ztunnel_lab
 
 clean:

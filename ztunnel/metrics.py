@@ -1,8 +1,9 @@
 """ztunnel's Prometheus metrics: Istio's TCP telemetry plus operator gauges.
 
-Owns :class:`ZtunnelMetrics` (one ``CollectorRegistry`` of its own, never the
-process-global one), :class:`TcpLabels` (the label set of one connection, as
-Istio names it: PROTOCOLS.md section 8) and :class:`CertificateCollector`.
+Owns :class:`ZtunnelMetrics` (every value ztunnel exports, in plain integers
+of its own: no process-global registry), :class:`TcpLabels` (the label set of
+one connection, as Istio names it: PROTOCOLS.md section 8) and
+:class:`CertificateCollector`.
 
 - TCP metrics (``istio_tcp_connections_opened_total``,
   ``istio_tcp_connections_closed_total``, ``istio_tcp_received_bytes_total``,
@@ -17,7 +18,11 @@ Istio names it: PROTOCOLS.md section 8) and :class:`CertificateCollector`.
   connectivity and NACKs, policy denials by reason, active connections by
   direction, and certificates by state, read through a callback when scraped.
 - Process CPU and memory (``process_*``) and the Python platform
-  (``python_info``) come from prometheus_client's own collectors.
+  (``python_info``), named as the Prometheus client libraries name them.
+
+The exposition is written by :mod:`underpass.promtext`, not prometheus_client,
+whose HTTP servers and their imports would cost this process ~2.5 MiB for
+nothing (see there).
 
 Every method is meant to be called from the trio thread (the data path and
 the admin server live there); the certificate callback is called by
@@ -31,18 +36,10 @@ from dataclasses import astuple, dataclass, fields
 from typing import Final
 
 import structlog
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    PlatformCollector,
-    ProcessCollector,
-    generate_latest,
-)
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from identity.certmanager import IdentityStatus, Phase
+from underpass import promtext
+from underpass.promtext import Family
 from ztunnel.state.model import Service, Workload
 from ztunnel.state.store import Snapshot
 
@@ -181,34 +178,29 @@ class _TcpCollector:
             counts = self.counts[labels] = _TcpCounts()
         return counts
 
-    def collect(self) -> Iterator[Metric]:
-        opened = CounterMetricFamily(
-            "istio_tcp_connections_opened",
-            "TCP connections opened, per reporter and both ends.",
-            labels=TCP_LABEL_NAMES,
+    def collect(self) -> Iterator[Family]:
+        def counter(name: str, help_text: str) -> Family:
+            return Family(name, help_text, "counter", TCP_LABEL_NAMES)
+
+        opened = counter(
+            "istio_tcp_connections_opened", "TCP connections opened, per reporter and both ends."
         )
-        closed = CounterMetricFamily(
-            "istio_tcp_connections_closed",
-            "TCP connections closed, per reporter and both ends.",
-            labels=TCP_LABEL_NAMES,
+        closed = counter(
+            "istio_tcp_connections_closed", "TCP connections closed, per reporter and both ends."
         )
-        received = CounterMetricFamily(
-            "istio_tcp_received_bytes",
-            "Bytes in the request direction (client to server).",
-            labels=TCP_LABEL_NAMES,
+        received = counter(
+            "istio_tcp_received_bytes", "Bytes in the request direction (client to server)."
         )
-        sent = CounterMetricFamily(
-            "istio_tcp_sent_bytes",
-            "Bytes in the response direction (server to client).",
-            labels=TCP_LABEL_NAMES,
+        sent = counter(
+            "istio_tcp_sent_bytes", "Bytes in the response direction (server to client)."
         )
         # A copy: the data path may add a label set while a scrape iterates.
         for labels, counts in list(self.counts.items()):
-            values = list(astuple(labels))
-            opened.add_metric(values, counts.opened)
-            closed.add_metric(values, counts.closed)
-            received.add_metric(values, counts.received)
-            sent.add_metric(values, counts.sent)
+            values = astuple(labels)
+            opened.add(values, counts.opened)
+            closed.add(values, counts.closed)
+            received.add(values, counts.received)
+            sent.add(values, counts.sent)
         yield from (opened, closed, received, sent)
 
 
@@ -227,7 +219,7 @@ class CertificateCollector:
     def __init__(self, source: CertificateSource | None = None) -> None:
         self.source = source
 
-    def collect(self) -> Iterator[Metric]:
+    def collect(self) -> Iterator[Family]:
         source = self.source
         if source is None:
             return
@@ -239,19 +231,20 @@ class CertificateCollector:
         counts = dict.fromkeys((phase.value for phase in Phase), 0)
         for status in statuses:
             counts[status.phase.value] += 1
-        family = GaugeMetricFamily(
+        family = Family(
             "underpass_ztunnel_certificates",
             "Identities held by the certificate manager, per state "
             "(queued, signing, scheduled = holds a certificate, backoff = last attempt failed).",
-            labels=("state",),
+            "gauge",
+            ("state",),
         )
         for state, count in counts.items():
-            family.add_metric([state], count)
+            family.add((state,), count)
         yield family
 
 
 class ZtunnelMetrics:
-    """Everything ztunnel exports on ``/metrics``, in a registry of its own."""
+    """Everything ztunnel exports on ``/metrics``, kept in plain integers of its own."""
 
     def __init__(
         self,
@@ -259,54 +252,19 @@ class ZtunnelMetrics:
         certificates: CertificateSource | None = None,
         process_metrics: bool = True,
     ) -> None:
-        # auto_describe stays off: describing would call the certificate callback here.
-        self.registry = CollectorRegistry()
         self._tcp = _TcpCollector()
-        self.registry.register(self._tcp)
         self._certificates = CertificateCollector(certificates)
-        self.registry.register(self._certificates)
-        if process_metrics:
-            # process_cpu_seconds_total, process_resident_memory_bytes, open fds...
-            ProcessCollector(registry=self.registry)
-            # python_info: one constant sample, computed once.
-            PlatformCollector(registry=self.registry)
-        reg = self.registry
-        self._pods = Gauge(
-            "underpass_ztunnel_pods", "Pods this ztunnel handles (captured).", registry=reg
-        )
-        self._workloads = Gauge(
-            "underpass_ztunnel_workloads", "Workloads in the proxy state.", registry=reg
-        )
-        self._services = Gauge(
-            "underpass_ztunnel_services", "Services in the proxy state.", registry=reg
-        )
-        self._policies = Gauge(
-            "underpass_ztunnel_policies", "Authorization policies in the proxy state.", registry=reg
-        )
-        self._xds_connected = Gauge(
-            "underpass_ztunnel_xds_connected",
-            "1 while the xDS stream to the control plane is up, else 0.",
-            registry=reg,
-        )
-        self._xds_nacks = Counter(
-            "underpass_ztunnel_xds_nacks",
-            "xDS responses rejected (NACKed) by this ztunnel.",
-            registry=reg,
-        )
-        self._denials = Counter(
-            "underpass_ztunnel_policy_denials",
-            "Connections refused by L4 authorization, per reason.",
-            labelnames=("reason",),
-            registry=reg,
-        )
-        self._active = Gauge(
-            "underpass_ztunnel_connections_active",
-            "Connections open right now, per direction.",
-            labelnames=("direction",),
-            registry=reg,
-        )
+        self._process_metrics = process_metrics
+        self._python_info = promtext.python_info() if process_metrics else None
+        self._pods = 0
+        self._workloads = 0
+        self._services = 0
+        self._policies = 0
+        self._xds_connected = 0
+        self._xds_nacks = 0
+        self._denials: dict[str, int] = {}
         # Both directions exist from the start so that dashboards see zeros.
-        self._active_children = {d: self._active.labels(direction=d) for d in DIRECTIONS}
+        self._active: dict[str, int] = dict.fromkeys(DIRECTIONS, 0)
 
     # -- TCP (Istio) ----------------------------------------------------------
 
@@ -330,12 +288,12 @@ class ZtunnelMetrics:
     # -- operator metrics -----------------------------------------------------
 
     def set_pods(self, count: int) -> None:
-        self._pods.set(count)
+        self._pods = count
 
     def set_state_sizes(self, *, workloads: int, services: int, policies: int) -> None:
-        self._workloads.set(workloads)
-        self._services.set(services)
-        self._policies.set(policies)
+        self._workloads = workloads
+        self._services = services
+        self._policies = policies
 
     def observe_snapshot(self, snapshot: Snapshot) -> None:
         """Set the state-size gauges from a newly published snapshot."""
@@ -346,37 +304,91 @@ class ZtunnelMetrics:
         )
 
     def set_xds_connected(self, connected: bool) -> None:
-        self._xds_connected.set(1 if connected else 0)
+        self._xds_connected = 1 if connected else 0
 
     def xds_nack(self) -> None:
-        self._xds_nacks.inc()
+        self._xds_nacks += 1
 
     def policy_denied(self, reason: str) -> None:
         """Count a refused connection; keep ``reason`` to a small fixed vocabulary."""
-        self._denials.labels(reason=reason).inc()
+        self._denials[reason] = self._denials.get(reason, 0) + 1
 
     def set_active_connections(self, direction: str, count: int) -> None:
-        self._active_child(direction).set(count)
+        self._check_direction(direction)
+        self._active[direction] = count
 
     def adjust_active_connections(self, direction: str, delta: int) -> None:
         """+1 when a connection starts, -1 when it ends."""
-        self._active_child(direction).inc(delta)
+        self._check_direction(direction)
+        self._active[direction] += delta
 
     def set_certificate_source(self, source: CertificateSource | None) -> None:
         """Where ``underpass_ztunnel_certificates`` reads from (the manager may start later)."""
         self._certificates.source = source
 
-    def _active_child(self, direction: str) -> Gauge:
-        child = self._active_children.get(direction)
-        if child is None:
+    @staticmethod
+    def _check_direction(direction: str) -> None:
+        if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
-        return child
 
     # -- exposition -----------------------------------------------------------
 
+    def families(self) -> list[Family]:
+        """Every metric family, with its samples as of now."""
+
+        def gauge(name: str, help_text: str, value: int) -> Family:
+            family = Family(name, help_text, "gauge")
+            family.add((), value)
+            return family
+
+        families = [*self._tcp.collect(), *self._certificates.collect()]
+        if self._process_metrics:
+            families.extend(promtext.process_families())
+        if self._python_info is not None:
+            families.append(self._python_info)
+        families += [
+            gauge("underpass_ztunnel_pods", "Pods this ztunnel handles (captured).", self._pods),
+            gauge("underpass_ztunnel_workloads", "Workloads in the proxy state.", self._workloads),
+            gauge("underpass_ztunnel_services", "Services in the proxy state.", self._services),
+            gauge(
+                "underpass_ztunnel_policies",
+                "Authorization policies in the proxy state.",
+                self._policies,
+            ),
+            gauge(
+                "underpass_ztunnel_xds_connected",
+                "1 while the xDS stream to the control plane is up, else 0.",
+                self._xds_connected,
+            ),
+        ]
+        nacks = Family(
+            "underpass_ztunnel_xds_nacks",
+            "xDS responses rejected (NACKed) by this ztunnel.",
+            "counter",
+        )
+        nacks.add((), self._xds_nacks)
+        denials = Family(
+            "underpass_ztunnel_policy_denials",
+            "Connections refused by L4 authorization, per reason.",
+            "counter",
+            ("reason",),
+        )
+        for reason, count in sorted(self._denials.items()):
+            denials.add((reason,), count)
+        active = Family(
+            "underpass_ztunnel_connections_active",
+            "Connections open right now, per direction.",
+            "gauge",
+            ("direction",),
+        )
+        for direction, count in self._active.items():
+            active.add((direction,), count)
+        families += [nacks, denials, active]
+        return families
+
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition of every metric, and its content type."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return promtext.render(self.families()), promtext.CONTENT_TYPE
 
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""ztunnel's import diet: the process never loads grpcio (nor YAML unless a file is its source).
+"""ztunnel's import diet: never grpcio nor prometheus_client (nor YAML unless a file is its source).
 
 Checked in a fresh interpreter (this test process has loaded grpcio already):
 the ``underpass`` command's modules and :mod:`ztunnel.app` are imported, then
@@ -19,14 +19,16 @@ import pytest
 pytestmark = pytest.mark.unit
 
 #: Modules the ztunnel process must not load (grpcio and its test tooling, the
-#: Kubernetes client, the netlink library of the node agent).
-FORBIDDEN = ("grpc", "grpc_tools", "kubernetes", "pyroute2")
+#: Kubernetes client, the netlink library of the node agent, prometheus_client
+#: and the HTTP servers it brings: ztunnel writes its metrics with
+#: underpass.promtext).
+FORBIDDEN = ("grpc", "grpc_tools", "kubernetes", "pyroute2", "prometheus_client", "http.server")
 
 PROBE = textwrap.dedent(
     """
     import json, socket, sys
     import underpass.cli.main, ztunnel.app
-    underpass.cli.main.build_parser()  # every command registered, as `underpass ztunnel` does
+    underpass.cli.main.build_parser("ztunnel")  # as `underpass ztunnel` builds it
     after_import = sorted(sys.modules)
 
     import datetime as dt
@@ -78,6 +80,8 @@ PROBE = textwrap.dedent(
         return source.last_error
 
     error = trio.run(main)
+    from ztunnel.metrics import ZtunnelMetrics
+    ZtunnelMetrics().render()  # a scrape, process metrics included
     print(json.dumps({"after_import": after_import, "after_run": sorted(sys.modules),
                       "xds_error": error}))
     """
@@ -88,7 +92,7 @@ def loaded(modules: list[str], name: str) -> bool:
     return any(m == name or m.startswith(name + ".") for m in modules)
 
 
-def test_the_ztunnel_process_never_loads_grpc() -> None:
+def test_the_ztunnel_process_never_loads_grpc_nor_prometheus_client() -> None:
     result = subprocess.run(
         [sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120, check=False
     )
