@@ -50,7 +50,10 @@ LAYERS: list[tuple[str, list[str]]] = [
         ["envoy.service.discovery.v3.discovery_pb2", "envoy.config.core.v3.base_pb2"],
     ),
     ("h11 (admin HTTP)", ["h11"]),
-    ("cryptography (keys, CSRs, X.509)", ["cryptography.x509", "identity.certmanager"]),
+    (
+        "identity (keys via libcrypto, DER)",
+        ["identity.keys", "identity.der", "identity.certmanager"],
+    ),
     ("ztunnel (every module it loads)", ["underpass.cli.ztunnel", "ztunnel.app"]),
 ]
 

@@ -30,12 +30,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from identity.certs import DEFAULT_WORKLOAD_LIFETIME
 from identity.errors import CaConfigError, InvalidCsr, InvalidRequest, InvalidSpiffeId
 from identity.spiffe import SpiffeId, validate_trust_domain
 
 Clock = Callable[[], dt.datetime]
 
-DEFAULT_WORKLOAD_LIFETIME = dt.timedelta(hours=24)
 MAX_WORKLOAD_LIFETIME = dt.timedelta(days=90)
 ROOT_LIFETIME = dt.timedelta(days=3650)
 CLOCK_SKEW_BACKDATE = dt.timedelta(minutes=2)

@@ -54,23 +54,20 @@ import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 import trio
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
-from identity.ca import (
-    DEFAULT_WORKLOAD_LIFETIME,
-    CertificateAuthority,
-    build_csr,
-    generate_workload_key,
-    validate_csr,
-)
-from identity.certs import WorkloadCertificate
+from identity import der, keys
+from identity.certs import DEFAULT_WORKLOAD_LIFETIME, WorkloadCertificate
 from identity.errors import CertificateUnavailable, IdentityError, InvalidCsr
 from identity.spiffe import SpiffeId
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+    from identity.ca import CertificateAuthority
 
 log = structlog.get_logger("identity.certmanager")
 
@@ -177,6 +174,8 @@ class LocalCaSigner:
         return f"LocalCaSigner(trust_domain={self.ca.trust_domain!r})"
 
     async def sign(self, csr_pem: bytes, identity: SpiffeId, lifetime: dt.timedelta) -> list[str]:
+        from identity.ca import validate_csr  # the CA side's cryptography, only here
+
         # Signing one ECDSA certificate takes well under a millisecond: no thread.
         await trio.lowlevel.checkpoint()
         validated = validate_csr(csr_pem)
@@ -264,13 +263,20 @@ class ManagerSettings:
 
 @dataclass(frozen=True)
 class TrustBundle:
-    """The roots to verify peers with; ``version`` grows by one at each change."""
+    """The roots (DER) to verify peers with; ``version`` grows by one at each change."""
 
     version: int
-    roots: tuple[x509.Certificate, ...]
+    roots_der: tuple[bytes, ...]
 
     def pem(self) -> bytes:
-        return b"".join(r.public_bytes(serialization.Encoding.PEM) for r in self.roots)
+        return b"".join(der.to_pem(r) for r in self.roots_der)
+
+    @property
+    def roots(self) -> tuple[x509.Certificate, ...]:
+        """The roots as ``cryptography`` certificates (imported on first use)."""
+        from cryptography import x509
+
+        return tuple(x509.load_der_x509_certificate(r) for r in self.roots_der)
 
 
 class Phase(enum.Enum):
@@ -395,7 +401,7 @@ class CertificateManager:
         self._started = False
         self._closed = False
         self._bundle = TrustBundle(0, ())
-        self._bundle_set: frozenset[x509.Certificate] = frozenset()
+        self._bundle_set: frozenset[bytes] = frozenset()
         self._bundle_changed = trio.Event()
         self._issued = 0
         self._refreshed = 0
@@ -565,7 +571,7 @@ class CertificateManager:
             bundle = certs.trust_bundle
             while True:
                 bundle = await certs.wait_trust_bundle(bundle.version)
-                ...rebuild TLS contexts from bundle.roots...
+                ...rebuild TLS contexts from bundle.roots_der...
         """
         while self._bundle.version <= after:
             if self._closed:
@@ -729,9 +735,8 @@ class CertificateManager:
         attempt = entry.failures + 1
         # A new key for every request: a refresh also rotates the key, and an
         # answer for an older request can never match the key we hold.
-        key = generate_workload_key()
         try:
-            csr = build_csr(key, identity)
+            key, csr = keys.new_key_and_csr(identity)
             with trio.fail_after(self._settings.sign_timeout):
                 chain = await self._signer.sign(csr, identity, self._settings.lifetime)
             cert = WorkloadCertificate.from_ca_response(identity, key, chain)
@@ -807,11 +812,11 @@ class CertificateManager:
         )
 
     def _update_trust_bundle(self) -> None:
-        # Insertion-ordered and deduplicated (certificates compare by DER).
-        roots: dict[x509.Certificate, None] = {}
+        # Insertion-ordered and deduplicated by DER.
+        roots: dict[bytes, None] = {}
         for entry in self._entries.values():
             if entry.cert is not None:
-                for root in entry.cert.roots:
+                for root in entry.cert.roots_der:
                     roots.setdefault(root, None)
         as_set = frozenset(roots)
         if as_set == self._bundle_set:
@@ -823,7 +828,7 @@ class CertificateManager:
         log.info(
             "trust bundle changed",
             version=self._bundle.version,
-            roots=[r.subject.rfc4514_string() for r in self._bundle.roots],
+            roots=len(self._bundle.roots_der),
         )
 
 

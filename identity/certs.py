@@ -3,6 +3,13 @@
 :class:`WorkloadCertificate` is what the certificate manager hands out and
 what the TLS builders consume. The private key lives only in this process: it
 is never written to disk and never part of ``repr`` or logs.
+
+It holds bytes (the key as PEM, the certificates as DER) and the few facts
+read from the leaf by :mod:`identity.der`, so that the data plane never loads
+the ``cryptography`` package (see :mod:`identity.keys` for why). The
+``private_key``, ``chain``, ``roots`` and ``leaf`` properties give
+``cryptography`` objects for the tools and tests that want them, importing it
+only then.
 """
 
 from __future__ import annotations
@@ -11,23 +18,32 @@ import datetime as dt
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
+from identity import der, keys
 from identity.errors import CertificateUnavailable, InvalidSpiffeId
 from identity.spiffe import SpiffeId
 
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
 
-def load_pem_chain(chain_pem: Sequence[str]) -> list[list[x509.Certificate]]:
-    """Parse a CA response: one PEM element per certificate (the last may hold several roots)."""
-    out: list[list[x509.Certificate]] = []
+#: Workload certificates' lifetime unless asked otherwise (PROTOCOLS.md section 4).
+DEFAULT_WORKLOAD_LIFETIME = dt.timedelta(hours=24)
+
+
+def load_pem_chain(chain_pem: Sequence[str]) -> list[list[bytes]]:
+    """Parse a CA response into DER: one PEM element per certificate.
+
+    The last element (the roots) may hold several.
+    """
+    out: list[list[bytes]] = []
     for i, element in enumerate(chain_pem):
         try:
-            certs = x509.load_pem_x509_certificates(element.encode())
-        except ValueError as exc:
+            certs = der.pem_blocks(element)
+            for cert in certs:
+                der.parse_certificate(cert)
+        except der.DerError as exc:
             raise CertificateUnavailable(
                 f"the CA's response element {i} is not PEM certificates: {exc}"
             ) from exc
@@ -35,18 +51,41 @@ def load_pem_chain(chain_pem: Sequence[str]) -> list[list[x509.Certificate]]:
     return out
 
 
+def key_material(private_key: keys.WorkloadKey | ec.EllipticCurvePrivateKey) -> keys.WorkloadKey:
+    """A :class:`~identity.keys.WorkloadKey` for either kind of key (a ``cryptography`` one
+    comes from the CA's tools and tests)."""
+    if isinstance(private_key, keys.WorkloadKey):
+        return private_key
+    from cryptography.hazmat.primitives import serialization
+
+    return keys.WorkloadKey(
+        pem=private_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+        public_key_info=private_key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        ),
+    )
+
+
 @dataclass(frozen=True)
 class WorkloadCertificate:
     """One identity's private key, certificate chain and trust anchors."""
 
     identity: SpiffeId
-    private_key: ec.EllipticCurvePrivateKey = field(repr=False)
-    chain: tuple[x509.Certificate, ...]  # leaf first, then intermediates; no roots
-    roots: tuple[x509.Certificate, ...]
+    key: keys.WorkloadKey = field(repr=False)
+    chain_der: tuple[bytes, ...] = field(repr=False)  # leaf first, then intermediates; no roots
+    roots_der: tuple[bytes, ...] = field(repr=False)
+    facts: der.CertificateFacts  # of the leaf
 
     @classmethod
     def from_ca_response(
-        cls, identity: SpiffeId, private_key: ec.EllipticCurvePrivateKey, chain_pem: Sequence[str]
+        cls,
+        identity: SpiffeId,
+        private_key: keys.WorkloadKey | ec.EllipticCurvePrivateKey,
+        chain_pem: Sequence[str],
     ) -> WorkloadCertificate:
         """Build from a CA answer (leaf first, roots last), checking it is what we asked for.
 
@@ -58,46 +97,59 @@ class WorkloadCertificate:
             raise CertificateUnavailable(
                 f"the CA answered {len(chain_pem)} certificate(s); expected a leaf and a root"
             )
+        key = key_material(private_key)
         elements = load_pem_chain(chain_pem)
         if any(len(e) != 1 for e in elements[:-1]):
             raise CertificateUnavailable(
                 "the CA's response has several certificates in one element"
             )
-        leaf = elements[0][0]
-        uris = _uri_sans(leaf)
-        if uris != [identity.uri]:
+        path = [e[0] for e in elements[:-1]]
+        facts = der.parse_certificate(path[0])
+        if list(facts.uri_sans) != [identity.uri]:
             raise CertificateUnavailable(
-                f"the CA returned a certificate for {uris}, but {identity.uri} was requested"
+                f"the CA returned a certificate for {list(facts.uri_sans)}, "
+                f"but {identity.uri} was requested"
             )
-        spki = serialization.PublicFormat.SubjectPublicKeyInfo
-        der = serialization.Encoding.DER
-        if leaf.public_key().public_bytes(der, spki) != private_key.public_key().public_bytes(
-            der, spki
-        ):
+        if facts.subject_public_key_info != key.public_key_info:
             raise CertificateUnavailable("the CA returned a certificate for a different key")
-        _check_signed_path([e[0] for e in elements[:-1]], elements[-1])
+        _check_signed_path(path, elements[-1])
         return cls(
             identity=identity,
-            private_key=private_key,
-            chain=tuple(e[0] for e in elements[:-1]),
-            roots=tuple(elements[-1]),
+            key=key,
+            chain_der=tuple(path),
+            roots_der=tuple(elements[-1]),
+            facts=facts,
+        )
+
+    @classmethod
+    def from_parts(
+        cls,
+        identity: SpiffeId,
+        private_key: keys.WorkloadKey | ec.EllipticCurvePrivateKey,
+        chain: Sequence[x509.Certificate | bytes],
+        roots: Sequence[x509.Certificate | bytes],
+    ) -> WorkloadCertificate:
+        """Assemble one without any check (tests and tools build odd ones on purpose)."""
+        chain_der = tuple(_der_of(c) for c in chain)
+        return cls(
+            identity=identity,
+            key=key_material(private_key),
+            chain_der=chain_der,
+            roots_der=tuple(_der_of(r) for r in roots),
+            facts=der.parse_certificate(chain_der[0]),
         )
 
     @property
-    def leaf(self) -> x509.Certificate:
-        return self.chain[0]
-
-    @property
     def not_before(self) -> dt.datetime:
-        return self.leaf.not_valid_before_utc
+        return self.facts.not_before
 
     @property
     def not_after(self) -> dt.datetime:
-        return self.leaf.not_valid_after_utc
+        return self.facts.not_after
 
     @property
     def serial(self) -> int:
-        return self.leaf.serial_number
+        return self.facts.serial
 
     @property
     def refresh_at(self) -> dt.datetime:
@@ -108,54 +160,80 @@ class WorkloadCertificate:
         return self.not_before <= now < self.not_after
 
     def chain_pem(self) -> bytes:
-        return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.chain)
+        return b"".join(der.to_pem(c) for c in self.chain_der)
 
     def roots_pem(self) -> bytes:
-        return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.roots)
+        return b"".join(der.to_pem(c) for c in self.roots_der)
 
     def private_key_pem(self) -> bytes:
         """The key in PEM, for loading into OpenSSL in memory only. Never log or store it."""
-        return self.private_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+        return self.key.pem
+
+    # -- cryptography objects, for tools and tests (imported on first use) -----------------
+
+    @property
+    def private_key(self) -> ec.EllipticCurvePrivateKey:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        loaded = serialization.load_pem_private_key(self.key.pem, password=None)
+        if not isinstance(loaded, ec.EllipticCurvePrivateKey):  # pragma: no cover
+            raise TypeError("a workload key is an EC key")
+        return loaded
+
+    @property
+    def chain(self) -> tuple[x509.Certificate, ...]:
+        return tuple(_x509(d) for d in self.chain_der)
+
+    @property
+    def roots(self) -> tuple[x509.Certificate, ...]:
+        return tuple(_x509(d) for d in self.roots_der)
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        leaf: x509.Certificate = _x509(self.chain_der[0])
+        return leaf
 
 
-def _check_signed_path(path: Sequence[x509.Certificate], roots: Sequence[x509.Certificate]) -> None:
-    """Leaf -> intermediates -> one of ``roots``, each signed by the next."""
-    for child, parent in itertools.pairwise(path):
-        if not _issued_by(child, parent):
+def _der_of(cert: x509.Certificate | bytes) -> bytes:
+    if isinstance(cert, bytes):
+        return cert
+    from cryptography.hazmat.primitives import serialization
+
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def _x509(data: bytes) -> Any:
+    from cryptography import x509
+
+    return x509.load_der_x509_certificate(data)
+
+
+def _directly_issued_by(child: bytes, parent: bytes) -> bool:
+    """``child`` names ``parent`` as its issuer and carries its signature."""
+    if der.parse_certificate(child).issuer != der.parse_certificate(parent).subject:
+        return False
+    return keys.issued_by(child, parent)
+
+
+def _check_signed_path(path: Sequence[bytes], roots: Sequence[bytes]) -> None:
+    """Leaf -> intermediates -> one of ``roots``, each issued (name and signature) by the next."""
+    for i, (child, parent) in enumerate(itertools.pairwise(path)):
+        if not _directly_issued_by(child, parent):
             raise CertificateUnavailable(
-                f"the CA's chain is broken: {child.subject.rfc4514_string() or 'the leaf'!r} "
-                f"is not signed by {parent.subject.rfc4514_string()!r}"
+                f"the CA's chain is broken: certificate {i} of the answer is not issued "
+                f"by certificate {i + 1}"
             )
-    if not any(_issued_by(path[-1], root) for root in roots):
+    if not any(_directly_issued_by(path[-1], root) for root in roots):
         raise CertificateUnavailable(
             "the CA's chain does not reach any root in its answer; refusing the certificate"
         )
 
 
-def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
-    try:
-        child.verify_directly_issued_by(parent)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
-
-
-def _uri_sans(cert: x509.Certificate) -> list[str]:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    except x509.ExtensionNotFound:
-        return []
-    return list(san.value.get_values_for_type(x509.UniformResourceIdentifier))
-
-
-def identity_of(cert: x509.Certificate) -> SpiffeId:
-    """The single workload SPIFFE ID in ``cert``'s URI SANs, or :class:`InvalidSpiffeId`."""
+def identity_from_uris(uris: Sequence[str]) -> SpiffeId:
+    """The single workload SPIFFE ID among ``uris`` (URI SANs), or :class:`InvalidSpiffeId`."""
     ids = []
-    for uri in _uri_sans(cert):
+    for uri in uris:
         try:
             ids.append(SpiffeId.parse(uri))
         except InvalidSpiffeId:
@@ -165,3 +243,16 @@ def identity_of(cert: x509.Certificate) -> SpiffeId:
             f"expected one workload SPIFFE ID in the certificate, found {len(ids)}"
         )
     return ids[0]
+
+
+def identity_of(cert: x509.Certificate | bytes) -> SpiffeId:
+    """The single workload SPIFFE ID in a certificate's URI SANs (DER or ``cryptography``)."""
+    if isinstance(cert, bytes):
+        return identity_from_uris(der.parse_certificate(cert).uri_sans)
+    from cryptography import x509
+
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return identity_from_uris([])
+    return identity_from_uris(san.value.get_values_for_type(x509.UniformResourceIdentifier))

@@ -56,10 +56,8 @@ import ssl
 from collections.abc import Collection, Iterable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-
-from identity.certs import WorkloadCertificate, identity_of
+from identity import der
+from identity.certs import WorkloadCertificate, identity_from_uris
 from identity.errors import IdentityError, InvalidSpiffeId, PeerIdentityError
 from identity.spiffe import SpiffeId
 
@@ -67,6 +65,7 @@ if TYPE_CHECKING:
     import socket
 
     import trio
+    from cryptography import x509
 
 ALPN_H2 = "h2"
 TLS_VERSION = "TLSv1.3"
@@ -106,41 +105,45 @@ class TrustBundle:
     text and the fingerprint are computed once, here, not per connection.
     """
 
-    __slots__ = ("_hash", "fingerprint", "pem", "roots")
+    __slots__ = ("_hash", "fingerprint", "pem", "roots_der")
 
-    roots: tuple[x509.Certificate, ...]
+    roots_der: tuple[bytes, ...]
     pem: str
     fingerprint: bytes
 
-    def __init__(self, roots: Iterable[x509.Certificate]) -> None:
-        by_der: dict[bytes, x509.Certificate] = {}
-        for root in roots:
-            by_der.setdefault(root.public_bytes(serialization.Encoding.DER), root)
-        if not by_der:
+    def __init__(self, roots: Iterable[bytes | x509.Certificate]) -> None:
+        unique = {_der_of(root) for root in roots}
+        if not unique:
             raise TlsContextError(
                 "the trust bundle has no root certificate; every peer would be rejected"
             )
-        ders = sorted(by_der)
-        self.roots = tuple(by_der[d] for d in ders)
-        self.pem = "".join(
-            r.public_bytes(serialization.Encoding.PEM).decode("ascii") for r in self.roots
-        )
+        ders = sorted(unique)
+        self.roots_der = tuple(ders)
+        self.pem = "".join(der.to_pem(d).decode("ascii") for d in ders)
         digest = hashlib.sha256()
-        for der in ders:
-            digest.update(len(der).to_bytes(4, "big"))
-            digest.update(der)
+        for item in ders:
+            digest.update(len(item).to_bytes(4, "big"))
+            digest.update(item)
         self.fingerprint = digest.digest()
         self._hash = hash(self.fingerprint)
 
     @classmethod
     def from_pem(cls, data: bytes | str) -> TrustBundle:
         """Parse PEM roots, e.g. ``root-cert.pem`` from ``istio-ca-root-cert``."""
-        raw = data.encode() if isinstance(data, str) else data
         try:
-            roots = x509.load_pem_x509_certificates(raw)
-        except ValueError as exc:
+            roots = der.pem_blocks(data)
+            for root in roots:
+                der.parse_certificate(root)
+        except der.DerError as exc:
             raise TlsContextError(f"the trust bundle is not PEM certificates: {exc}") from exc
         return cls(roots)
+
+    @property
+    def roots(self) -> tuple[x509.Certificate, ...]:
+        """The roots as ``cryptography`` certificates (imported on first use)."""
+        from cryptography import x509
+
+        return tuple(x509.load_der_x509_certificate(d) for d in self.roots_der)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, TrustBundle):
@@ -151,13 +154,21 @@ class TrustBundle:
         return self._hash
 
     def __len__(self) -> int:
-        return len(self.roots)
+        return len(self.roots_der)
 
     def __repr__(self) -> str:
-        return f"TrustBundle({len(self.roots)} roots, sha256={self.fingerprint.hex()[:16]}...)"
+        return f"TrustBundle({len(self.roots_der)} roots, sha256={self.fingerprint.hex()[:16]}...)"
 
 
-def _as_bundle(trust_bundle: TrustBundle | Iterable[x509.Certificate]) -> TrustBundle:
+def _der_of(root: bytes | x509.Certificate) -> bytes:
+    if isinstance(root, bytes):
+        return root
+    from cryptography.hazmat.primitives import serialization
+
+    return root.public_bytes(serialization.Encoding.DER)
+
+
+def _as_bundle(trust_bundle: TrustBundle | Iterable[bytes | x509.Certificate]) -> TrustBundle:
     if isinstance(trust_bundle, TrustBundle):
         return trust_bundle
     return TrustBundle(trust_bundle)
@@ -167,7 +178,7 @@ def _as_bundle(trust_bundle: TrustBundle | Iterable[x509.Certificate]) -> TrustB
 
 
 def server_context(
-    cert: WorkloadCertificate, trust_bundle: TrustBundle | Iterable[x509.Certificate]
+    cert: WorkloadCertificate, trust_bundle: TrustBundle | Iterable[bytes | x509.Certificate]
 ) -> ssl.SSLContext:
     """An HBONE server context that presents ``cert`` and requires a client certificate.
 
@@ -183,7 +194,7 @@ def server_context(
 
 
 def client_context(
-    cert: WorkloadCertificate, trust_bundle: TrustBundle | Iterable[x509.Certificate]
+    cert: WorkloadCertificate, trust_bundle: TrustBundle | Iterable[bytes | x509.Certificate]
 ) -> ssl.SSLContext:
     """An HBONE client context that presents ``cert`` (the source workload's identity).
 
@@ -215,7 +226,7 @@ def _base_context(bundle: TrustBundle, *, server: bool) -> ssl.SSLContext:
 
 def _load_identity(ctx: ssl.SSLContext, cert: WorkloadCertificate) -> None:
     try:
-        presented = identity_of(cert.leaf)
+        presented = identity_from_uris(cert.facts.uri_sans)
     except (InvalidSpiffeId, IndexError) as exc:
         raise TlsContextError(
             f"the certificate for {cert.identity.uri} does not carry one SPIFFE ID: {exc}"

@@ -19,8 +19,7 @@ import datetime as dt
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from cryptography import x509
-
+from identity import der
 from identity.certmanager import IdentityStatus
 from identity.certs import WorkloadCertificate
 from identity.spiffe import SpiffeId
@@ -221,14 +220,15 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _chain_entry(cert: x509.Certificate, kind: str, now: dt.datetime) -> JSON:
-    not_before = cert.not_valid_before_utc
-    not_after = cert.not_valid_after_utc
+def _chain_entry(cert_der: bytes, kind: str, now: dt.datetime) -> JSON:
+    facts = der.parse_certificate(cert_der)
+    not_before = facts.not_before
+    not_after = facts.not_after
     return {
         "type": kind,
-        "subject": cert.subject.rfc4514_string(),
-        "issuer": cert.issuer.rfc4514_string(),
-        "serial": f"{cert.serial_number:x}",
+        "subject": der.name_string(facts.subject),
+        "issuer": der.name_string(facts.issuer),
+        "serial": f"{facts.serial:x}",
         "not_before": _iso(not_before),
         "not_after": _iso(not_after),
         "valid": not_before <= now < not_after,
@@ -257,10 +257,10 @@ def certificate_json(
     not_after = status.not_after
     valid = False
     if certificate is not None:
-        leaf, *intermediates = certificate.chain
+        leaf, *intermediates = certificate.chain_der
         chain.append(_chain_entry(leaf, CERT_LEAF, when))
         chain.extend(_chain_entry(c, CERT_INTERMEDIATE, when) for c in intermediates)
-        chain.extend(_chain_entry(c, CERT_ROOT, when) for c in certificate.roots)
+        chain.extend(_chain_entry(c, CERT_ROOT, when) for c in certificate.roots_der)
         serial = f"{certificate.serial:x}"
         not_before = certificate.not_before
         not_after = certificate.not_after

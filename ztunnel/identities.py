@@ -55,7 +55,7 @@ class NodeIdentities:
     def trust_bundle(self) -> TrustBundle:
         snapshot = self._manager.trust_bundle
         if self._bundle is None or snapshot.version != self._bundle_version:
-            self._bundle = TrustBundle(snapshot.roots)
+            self._bundle = TrustBundle(snapshot.roots_der)
             self._bundle_version = snapshot.version
         return self._bundle
 

@@ -48,9 +48,15 @@ from typing import TYPE_CHECKING, Any, Final
 import structlog
 import trio
 
-from identity.ca import validate_csr
+from identity import der
 from identity.certmanager import CertificateSigner
-from identity.errors import CertificateUnavailable, IdentityError, IdentityNotPermitted
+from identity.errors import (
+    CertificateUnavailable,
+    IdentityError,
+    IdentityNotPermitted,
+    InvalidCsr,
+    InvalidSpiffeId,
+)
 from identity.spiffe import SpiffeId
 from underpass import zds
 from underpass.xds.types import DELTA_METHOD_PATH
@@ -123,7 +129,11 @@ class SupervisorSigner:
 async def serve_signing(
     sock: trio.socket.SocketType, identity: SpiffeId, node_signer: CertificateSigner
 ) -> None:
-    """Answer one worker's CSRs: only for ``identity``, signed through the node's signer."""
+    """Answer one worker's CSRs: only for ``identity``, signed through the node's signer.
+
+    The supervisor reads the identity a CSR asks for (:func:`csr_identity`);
+    everything else about the CSR (its signature, key type) is the CA's to check.
+    """
     while True:
         data = await sock.recv(_MAX_MESSAGE)
         if not data:
@@ -133,11 +143,9 @@ async def serve_signing(
         try:
             request = json.loads(data)
             request_id = request.get("id")
-            csr = validate_csr(str(request["csr"]))
-            if csr.identity != identity:
-                raise IdentityNotPermitted(
-                    f"the worker for {identity.uri} asked for {csr.identity.uri}"
-                )
+            asked = csr_identity(str(request["csr"]))
+            if asked != identity:
+                raise IdentityNotPermitted(f"the worker for {identity.uri} asked for {asked.uri}")
             lifetime = dt.timedelta(seconds=float(request["lifetime_s"]))
             chain = await node_signer.sign(str(request["csr"]).encode(), identity, lifetime)
             answer = {"id": request_id, "chain": chain}
@@ -148,6 +156,21 @@ async def serve_signing(
             kind = "refused" if not isinstance(exc, IdentityError) else "unavailable"
             answer = {"id": request_id, "kind": kind, "error": f"{type(exc).__name__}: {exc}"}
         await sock.send(json.dumps(answer).encode())
+
+
+def csr_identity(csr_pem: str) -> SpiffeId:
+    """The one SPIFFE ID a PEM CSR asks for; :class:`InvalidCsr` for anything else."""
+    try:
+        (request,) = der.pem_blocks(csr_pem, "CERTIFICATE REQUEST")
+        uris = der.csr_uri_sans(request)
+    except (der.DerError, ValueError) as exc:
+        raise InvalidCsr(f"not one PEM certificate request: {exc}") from None
+    if len(uris) != 1:
+        raise InvalidCsr(f"a workload CSR asks for exactly one URI SAN, this one for {len(uris)}")
+    try:
+        return SpiffeId.parse(uris[0])
+    except InvalidSpiffeId as exc:
+        raise InvalidCsr(f"the CSR's URI SAN is not a workload SPIFFE ID: {exc}") from None
 
 
 # -- state: the xDS relay --------------------------------------------------------------------

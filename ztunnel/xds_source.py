@@ -43,12 +43,12 @@ from typing import Final
 
 import structlog
 import trio
-from cryptography import x509
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf.message import DecodeError, Message
 from google.rpc import status_pb2
 
+from identity import der
 from underpass import grpclite
 from underpass.proto import authorization_pb2, workload_pb2
 from underpass.xds.client import (
@@ -139,8 +139,9 @@ class XdsTls:
 
     def __post_init__(self) -> None:
         try:
-            x509.load_pem_x509_certificates(self.root_certificates)
-        except ValueError as exc:
+            for root in der.pem_blocks(self.root_certificates):
+                der.parse_certificate(root)
+        except der.DerError as exc:
             raise XdsSourceError(
                 f"the control plane's root certificates are not PEM certificates ({exc}); "
                 "give the mesh's root-cert.pem"

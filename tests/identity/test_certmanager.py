@@ -20,6 +20,7 @@ import structlog
 import trio
 import trio.testing
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -672,8 +673,9 @@ async def test_trust_bundle_follows_root_rotation(autojump_clock: trio.testing.M
             await trio.sleep_until(2400)
             nursery.cancel_scope.cancel()
 
-        assert observed == [(600 + HALF_LIFE, TrustBundle(2, (root2,)))]
-        assert await mgr.wait_trust_bundle(1) == TrustBundle(2, (root2,))
+        root2_der = root2.public_bytes(Encoding.DER)
+        assert observed == [(600 + HALF_LIFE, TrustBundle(2, (root2_der,)))]
+        assert await mgr.wait_trust_bundle(1) == TrustBundle(2, (root2_der,))
 
         mgr.forget(ALICE)
         mgr.forget(BOB)

@@ -390,7 +390,7 @@ def test_context_settings(server_cert: WorkloadCertificate, bundle: TrustBundle)
 def test_builder_refuses_a_certificate_for_another_identity(
     ca: Authority, server_cert: WorkloadCertificate, bundle: TrustBundle
 ) -> None:
-    lying = WorkloadCertificate(
+    lying = WorkloadCertificate.from_parts(
         identity=CLIENT_ID,
         private_key=server_cert.private_key,
         chain=server_cert.chain,
@@ -403,7 +403,7 @@ def test_builder_refuses_a_certificate_for_another_identity(
 def test_builder_refuses_a_key_that_does_not_match(
     server_cert: WorkloadCertificate, client_cert: WorkloadCertificate, bundle: TrustBundle
 ) -> None:
-    mismatched = WorkloadCertificate(
+    mismatched = WorkloadCertificate.from_parts(
         identity=SERVER_ID,
         private_key=client_cert.private_key,
         chain=server_cert.chain,
@@ -961,7 +961,7 @@ def test_cache_reuses_until_rotation(
     first = cache.server(server_cert, bundle)
     assert cache.server(server_cert, bundle) is first
     # An equal bundle object and a copy of the same certificate are still hits.
-    same = WorkloadCertificate(
+    same = WorkloadCertificate.from_parts(
         server_cert.identity, server_cert.private_key, server_cert.chain, server_cert.roots
     )
     assert cache.server(same, TrustBundle([ca.root])) is first

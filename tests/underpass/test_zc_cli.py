@@ -51,7 +51,7 @@ def _certificate(identity: SpiffeId) -> WorkloadCertificate:
     pki = make_pki(depth=1, now=NOW)
     key = ec_key()
     leaf = make_leaf(pki.signer, spiffe_id=identity, key=key, now=NOW, lifetime=DAY)
-    return WorkloadCertificate(identity, key, (leaf.cert, *pki.chain), (pki.root.cert,))
+    return WorkloadCertificate.from_parts(identity, key, (leaf.cert, *pki.chain), (pki.root.cert,))
 
 
 def _status(identity: SpiffeId, phase: Phase, cert: WorkloadCertificate | None) -> IdentityStatus:

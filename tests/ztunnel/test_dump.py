@@ -223,7 +223,7 @@ def workload_certificate() -> WorkloadCertificate:
     pki = make_pki(depth=1)
     key = ec_key()
     leaf = make_leaf(pki.signer, spiffe_id=IDENTITY, key=key, lifetime=DAY)
-    return WorkloadCertificate(
+    return WorkloadCertificate.from_parts(
         identity=IDENTITY,
         private_key=key,
         chain=(leaf.cert, *pki.chain),

@@ -10,13 +10,16 @@ from pathlib import Path
 import pytest
 import trio
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
+from identity import keys
 from identity.ca import CertificateAuthority, build_csr, generate_workload_key
 from identity.certmanager import LocalCaSigner
 from identity.certs import identity_of
-from identity.errors import IdentityNotPermitted
+from identity.errors import IdentityNotPermitted, InvalidCsr
 from identity.spiffe import SpiffeId
-from ztunnel.isolation import SupervisorSigner, serve_signing, worker_command
+from ztunnel.isolation import SupervisorSigner, csr_identity, serve_signing, worker_command
 
 pytestmark = pytest.mark.unit
 
@@ -73,3 +76,45 @@ def test_worker_command_line_carries_no_credential() -> None:
         "--worker-signer-fd",
         "8",
     ]
+
+
+def test_the_supervisor_reads_the_identity_a_csr_asks_for() -> None:
+    # Both CSR writers: the CA side's (cryptography) and the data plane's (libcrypto).
+    assert csr_identity(csr_for(MINE).decode()) == MINE
+    assert csr_identity(keys.new_key_and_csr(OTHER)[1].decode()) == OTHER
+
+
+@pytest.mark.parametrize(
+    ("uris", "reason"),
+    [
+        ([MINE.uri, "spiffe://cluster.local/ns/x/sa/y"], "exactly one URI SAN"),
+        ([MINE.uri, "https://example.com"], "exactly one URI SAN"),
+        (["spiffe://cluster.local/not-a-workload"], "not a workload SPIFFE ID"),
+        ([], "exactly one URI SAN"),
+    ],
+)
+def test_a_csr_that_is_not_for_one_workload_identity_is_refused(
+    uris: list[str], reason: str
+) -> None:
+    builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+    if uris:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]),
+            critical=True,
+        )
+    csr = builder.sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256())
+    with pytest.raises(InvalidCsr, match=reason):
+        csr_identity(csr.public_bytes(serialization.Encoding.PEM).decode())
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "garbage",
+        "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+    ],
+)
+def test_what_is_not_a_csr_is_refused(text: str) -> None:
+    with pytest.raises(InvalidCsr, match="not one PEM certificate request"):
+        csr_identity(text)
