@@ -47,6 +47,12 @@ def load_pem_chain(chain_pem: Sequence[str]) -> list[list[bytes]]:
             raise CertificateUnavailable(
                 f"the CA's response element {i} is not PEM certificates: {exc}"
             ) from exc
+        # Every one, roots included, must also be a certificate to OpenSSL: a root
+        # it cannot read would break the trust bundle of every identity on the node.
+        if not all(keys.is_certificate(cert) for cert in certs):
+            raise CertificateUnavailable(
+                f"the CA's response element {i} holds a certificate OpenSSL cannot read"
+            )
         out.append(certs)
     return out
 
@@ -89,9 +95,12 @@ class WorkloadCertificate:
     ) -> WorkloadCertificate:
         """Build from a CA answer (leaf first, roots last), checking it is what we asked for.
 
-        The leaf must carry exactly the requested SPIFFE ID and our public key,
-        and each certificate must be signed by the next one up to a root of the
-        answer; otherwise the answer is rejected, whatever the CA says.
+        The leaf must carry exactly the requested SPIFFE ID and our public key
+        (byte for byte as we encoded it: a CA that re-encodes the key, e.g. as a
+        compressed point, is refused), each certificate must name the next one
+        as its issuer and carry its signature, up to a root of the answer, and
+        every certificate (roots too) must be one OpenSSL reads; otherwise the
+        answer is rejected, whatever the CA says.
         """
         if len(chain_pem) < 2:
             raise CertificateUnavailable(

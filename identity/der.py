@@ -48,7 +48,7 @@ OID_SUBJECT_ALT_NAME: Final = bytes.fromhex("551d11")  # 2.5.29.17
 OID_EXTENSION_REQUEST: Final = bytes.fromhex("2a864886f70d01090e")  # 1.2.840.113549.1.9.14
 OID_ECDSA_WITH_SHA256: Final = bytes.fromhex("2a8648ce3d040302")  # 1.2.840.10045.4.3.2
 
-_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1-----", re.DOTALL)
+_PEM_LABEL = re.compile(rb"[A-Z0-9 ]{1,64}")
 
 
 class DerError(IdentityError, ValueError):
@@ -110,6 +110,8 @@ def _expect(
 
 def _time(data: bytes, tag: int, start: int, end: int) -> dt.datetime:
     text = data[start:end].decode("ascii", "replace")
+    if not text[:-1].isdigit() or not text[:-1].isascii():
+        raise DerError(f"not a DER UTCTime/GeneralizedTime in Z form: {text!r}")
     try:
         if tag == UTC_TIME and len(text) == 13 and text.endswith("Z") and text[:2].isdigit():
             century = "20" if int(text[:2]) < 50 else "19"  # RFC 5280 4.1.2.5.1
@@ -137,10 +139,13 @@ class CertificateFacts:
 
 def parse_certificate(der: bytes) -> CertificateFacts:
     """Read ``der`` as an X.509 certificate; :class:`DerError` if it is not one."""
-    _, cert_end = _expect(der, 0, SEQUENCE, "certificate")
+    cert_start, cert_end = _expect(der, 0, SEQUENCE, "certificate")
     if cert_end != len(der):
         raise DerError("trailing bytes after the certificate")
-    tbs_start, tbs_end = _expect(der, read_tlv(der, 0)[1], SEQUENCE, "tbsCertificate")
+    outer = _children(der, cert_start, cert_end)
+    if [tag for tag, *_ in outer] != [SEQUENCE, SEQUENCE, BIT_STRING]:
+        raise DerError("a certificate is (tbsCertificate, signatureAlgorithm, signature)")
+    tbs_start, tbs_end = outer[0][2], outer[0][3]
     fields = _children(der, tbs_start, tbs_end)
     if fields and fields[0][0] == EXPLICIT_0:  # version
         fields = fields[1:]
@@ -166,7 +171,10 @@ def parse_certificate(der: bytes) -> CertificateFacts:
     uris: tuple[str, ...] = ()
     for tag, _, cstart, cend in fields[6:]:
         if tag == EXPLICIT_3:
-            uris = _uri_sans(der, cstart, cend)
+            ext_start, ext_end = _expect(der, cstart, SEQUENCE, "extensions", cend)
+            if ext_end != cend:
+                raise DerError("trailing bytes after the extensions")
+            uris = _uri_sans(der, ext_start, ext_end)
     return CertificateFacts(
         serial=serial,
         not_before=not_before,
@@ -179,51 +187,77 @@ def parse_certificate(der: bytes) -> CertificateFacts:
 
 
 def csr_uri_sans(der: bytes) -> tuple[str, ...]:
-    """The URI SANs a PKCS #10 request asks for (its extensionRequest attribute).
+    """The URI SANs a PKCS #10 request asks for, from a request of the one shape we accept.
 
-    Only reads: the request's signature is the CA's to check.
+    Exactly one attribute (PKCS #9 extensionRequest) with exactly one Extensions
+    value, at most one subjectAltName in it: the shape :func:`csr_info` writes.
+    Anything else is refused, so that no other reader (the CA's) can find a
+    second answer in the same bytes. Only reads: the signature is the CA's to check.
     """
-    _, req_end = _expect(der, 0, SEQUENCE, "certification request")
-    if req_end != len(der):
-        raise DerError("trailing bytes after the certification request")
-    info_start, info_end = _expect(der, read_tlv(der, 0)[1], SEQUENCE, "certificationRequestInfo")
-    fields = _children(der, info_start, info_end)
-    if len(fields) != 4 or fields[0][0] != INTEGER or fields[3][0] != EXPLICIT_0:
-        raise DerError("certificationRequestInfo is not (version, subject, key, [0] attributes)")
-    for tag, _, astart, aend in _children(der, fields[3][2], fields[3][3]):
-        parts = _children(der, astart, aend) if tag == SEQUENCE else []
-        if len(parts) != 2 or parts[0][0] != OID or parts[1][0] != SET:
-            raise DerError("a CSR attribute is not (OID, SET)")
-        if der[parts[0][2] : parts[0][3]] == OID_EXTENSION_REQUEST:
-            return _uri_sans(der, parts[1][2], parts[1][3])
-    return ()
+    start, end = _csr_extensions(der)
+    return _uri_sans(der, start, end)
 
 
 def _uri_sans(der: bytes, start: int, end: int) -> tuple[str, ...]:
-    ext_start, ext_end = _expect(der, start, SEQUENCE, "extensions", end)
-    for tag, _, cstart, cend in _children(der, ext_start, ext_end):
+    """The URI SANs among the Extensions between ``start`` and ``end`` (their content).
+
+    At most one subjectAltName extension (RFC 5280 4.2: an extension appears
+    once); a URI must be a primitive IA5String.
+    """
+    found: tuple[str, ...] | None = None
+    for tag, _, cstart, cend in _children(der, start, end):
         if tag != SEQUENCE:
             raise DerError("an extension is not a SEQUENCE")
         parts = _children(der, cstart, cend)
-        if not parts or parts[0][0] != OID:
-            raise DerError("an extension has no OID")
+        shape = [p[0] for p in parts]
+        if shape not in ([OID, OCTET_STRING], [OID, BOOLEAN, OCTET_STRING]):
+            raise DerError("an extension is not (OID, [critical,] OCTET STRING)")
         if der[parts[0][2] : parts[0][3]] != OID_SUBJECT_ALT_NAME:
             continue
+        if found is not None:
+            raise DerError("more than one subjectAltName extension")
         value = parts[-1]
-        if value[0] != OCTET_STRING:
-            raise DerError("subjectAltName value is not an OCTET STRING")
         names_start, names_end = _expect(der, value[2], SEQUENCE, "GeneralNames", value[3])
         if names_end != value[3]:
             raise DerError("trailing bytes after GeneralNames")
         uris = []
         for name_tag, _, nstart, nend in _children(der, names_start, names_end):
+            if name_tag == URI_NAME | 0x20:  # a constructed URI: not DER
+                raise DerError("a URI SAN in constructed form")
             if name_tag == URI_NAME:
-                try:
-                    uris.append(der[nstart:nend].decode("ascii"))
-                except UnicodeDecodeError:
-                    raise DerError("a URI SAN is not IA5 (ASCII) text") from None
-        return tuple(uris)
-    return ()
+                text = der[nstart:nend]
+                if not text.isascii():
+                    raise DerError("a URI SAN is not IA5 (ASCII) text")
+                uris.append(text.decode("ascii"))
+        found = tuple(uris)
+    return found or ()
+
+
+def _csr_extensions(der: bytes) -> tuple[int, int]:
+    """Where the Extensions of a CSR's one extensionRequest attribute are (their content)."""
+    _, req_end = _expect(der, 0, SEQUENCE, "certification request")
+    if req_end != len(der):
+        raise DerError("trailing bytes after the certification request")
+    outer = _children(der, read_tlv(der, 0)[1], req_end)
+    if [tag for tag, *_ in outer] != [SEQUENCE, SEQUENCE, BIT_STRING]:
+        raise DerError("a CSR is (certificationRequestInfo, signatureAlgorithm, signature)")
+    fields = _children(der, outer[0][2], outer[0][3])
+    if [tag for tag, *_ in fields] != [INTEGER, SEQUENCE, SEQUENCE, EXPLICIT_0]:
+        raise DerError("certificationRequestInfo is not (version, subject, key, [0] attributes)")
+    attributes = _children(der, fields[3][2], fields[3][3])
+    if not attributes:
+        return fields[3][2], fields[3][2]  # no extension requested
+    if len(attributes) != 1 or attributes[0][0] != SEQUENCE:
+        raise DerError("a workload CSR carries exactly one attribute, its extensionRequest")
+    parts = _children(der, attributes[0][2], attributes[0][3])
+    if [p[0] for p in parts] != [OID, SET] or der[parts[0][2] : parts[0][3]] != (
+        OID_EXTENSION_REQUEST
+    ):
+        raise DerError("a workload CSR's one attribute must be its extensionRequest")
+    values = _children(der, parts[1][2], parts[1][3])
+    if len(values) != 1 or values[0][0] != SEQUENCE:
+        raise DerError("an extensionRequest holds exactly one Extensions value")
+    return values[0][2], values[0][3]
 
 
 #: RFC 4514 short names, as ``cryptography``'s ``rfc4514_string`` writes them.
@@ -287,30 +321,64 @@ def name_string(name: bytes) -> str:
 
 
 def _escape_rdn_value(text: str) -> str:
-    out = "".join("\\" + c if c in '\\",+;<>' else c for c in text)
-    if out.startswith(("#", " ")):
-        out = "\\" + out
-    if out.endswith(" ") and not out.endswith("\\ "):
-        out = out[:-1] + "\\ "
-    return out
+    """RFC 4514 section 2.4 escaping of one attribute value."""
+    out = []
+    last = len(text) - 1
+    for i, c in enumerate(text):
+        if c in '\\",+;<>' or (i == 0 and c in "# ") or (i == last and c == " "):
+            out.append("\\" + c)
+        elif c == "\0":
+            out.append("\\00")
+        else:
+            out.append(c)
+    return "".join(out)
 
 
 # -- PEM ----------------------------------------------------------------------------------
 
 
-def pem_blocks(data: bytes | str, label: str = "CERTIFICATE") -> list[bytes]:
+def pem_blocks(
+    data: bytes | str, label: str = "CERTIFICATE", *, exclusive: bool = False
+) -> list[bytes]:
     """The DER of every ``label`` PEM block in ``data``, in order.
 
-    Raises :class:`DerError` when there is none, or a block's base64 is broken.
-    Text outside the blocks (comments, other labels) is ignored, as OpenSSL does.
+    Raises :class:`DerError` when there is none, a block is not terminated or its
+    base64 is broken. Text outside the blocks (comments, blocks of other labels)
+    is ignored, as OpenSSL does, unless ``exclusive``: then ``data`` must be
+    ``label`` blocks and nothing else (what a peer sends must not hold a second
+    reading for another parser to find). One pass over the lines: linear time
+    whatever the input.
     """
     raw = data.encode() if isinstance(data, str) else data
-    out = []
-    for match in _PEM_BLOCK.finditer(raw):
-        if match.group(1).decode() != label:
+    out: list[bytes] = []
+    lines = iter(raw.splitlines())
+    for line in lines:
+        stripped = line.strip()
+        if not stripped.startswith(b"-----BEGIN "):
+            if exclusive and stripped:
+                raise DerError(f"text outside the {label} PEM blocks")
+            continue
+        found = stripped[len(b"-----BEGIN ") :]
+        if not found.endswith(b"-----") or not _PEM_LABEL.fullmatch(found[:-5]):
+            raise DerError(f"a malformed PEM BEGIN line: {stripped[:80]!r}")
+        block_label = found[:-5]
+        end = b"-----END " + block_label + b"-----"
+        body: list[bytes] = []
+        for inner in lines:
+            inner = inner.strip()
+            if inner == end:
+                break
+            if inner.startswith(b"-----"):
+                raise DerError(f"a {block_label.decode()} PEM block is not terminated")
+            body.append(inner)
+        else:
+            raise DerError(f"a {block_label.decode()} PEM block is not terminated")
+        if block_label.decode() != label:
+            if exclusive:
+                raise DerError(f"a {block_label.decode()} PEM block where only {label} is allowed")
             continue
         try:
-            out.append(base64.b64decode(b"".join(match.group(2).split()), validate=True))
+            out.append(base64.b64decode(b"".join(body), validate=True))
         except binascii.Error as exc:
             raise DerError(f"a {label} PEM block has broken base64: {exc}") from None
     if not out:

@@ -91,24 +91,26 @@ _lock = threading.Lock()
 _lib: Any = None
 
 
-def _libcrypto_path() -> str:
-    """The libcrypto the ``ssl`` module loaded: one OpenSSL in the process, not two."""
-    _ = ssl.OPENSSL_VERSION  # ssl (and so libcrypto) is loaded by the import above
-    with open("/proc/self/maps", encoding="utf-8", errors="replace") as fh:
-        for line in fh:
-            path = line.rsplit(None, 1)[-1]
-            if "/libcrypto.so" in path:
-                return path
-    raise OpenSslError(
-        "cannot find the libcrypto the ssl module loaded (/proc/self/maps names none)"
-    )
-
-
 def _crypto() -> Any:
+    """libcrypto, reached through the ``_ssl`` extension's own handle.
+
+    ``dlsym`` on that handle searches ``_ssl`` and the libraries it was linked
+    with, so these are the very functions the ``ssl`` module uses: one OpenSSL
+    in the process, not a second copy found by name. The version is checked
+    against the one ``ssl`` reports.
+    """
     global _lib
     with _lock:
         if _lib is None:
-            lib = ctypes.CDLL(_libcrypto_path())
+            import _ssl
+
+            path = getattr(_ssl, "__file__", None)
+            if path is None:
+                raise OpenSslError(
+                    "the ssl module is built into this Python (no _ssl extension to reach "
+                    "libcrypto through); ztunnel needs a Python with a shared _ssl module"
+                )
+            lib = ctypes.CDLL(path)
             for name, (restype, argtypes) in _PROTOTYPES.items():
                 try:
                     function = getattr(lib, name)
@@ -119,6 +121,13 @@ def _crypto() -> Any:
                     ) from None
                 function.restype = restype
                 function.argtypes = argtypes
+            lib.OpenSSL_version_num.restype = ctypes.c_ulong
+            lib.OpenSSL_version_num.argtypes = []
+            if lib.OpenSSL_version_num() != ssl.OPENSSL_VERSION_NUMBER:
+                raise OpenSslError(
+                    f"the libcrypto found (0x{lib.OpenSSL_version_num():x}) is not the one "
+                    f"the ssl module uses ({ssl.OPENSSL_VERSION})"
+                )
             _lib = lib
         return _lib
 
@@ -202,9 +211,12 @@ def _private_key_pem(lib: Any, pkey: ctypes.c_void_p) -> bytes:
             raise _fail(lib, "write the private key")
         pending = lib.BIO_ctrl(bio, _BIO_CTRL_PENDING, 0, None)
         out = ctypes.create_string_buffer(pending)
-        if lib.BIO_read(bio, out, pending) != pending:
-            raise _fail(lib, "read the private key back")
-        return out.raw
+        try:
+            if lib.BIO_read(bio, out, pending) != pending:
+                raise _fail(lib, "read the private key back")
+            return out.raw
+        finally:
+            ctypes.memset(out, 0, pending)  # the bytes returned are the only copy left
     finally:
         lib.BIO_free(bio)
 
@@ -240,6 +252,18 @@ def issued_by(child_der: bytes, parent_der: bytes) -> bool:
     return ok
 
 
+def is_certificate(data: bytes) -> bool:
+    """Whether OpenSSL reads ``data`` as exactly one X.509 certificate (DER)."""
+    lib = _crypto()
+    lib.ERR_clear_error()
+    x509 = _load_x509(lib, data)
+    lib.ERR_clear_error()
+    if not x509:
+        return False
+    lib.X509_free(x509)
+    return True
+
+
 def _load_x509(lib: Any, data: bytes) -> Any:
     buffer = ctypes.create_string_buffer(data, len(data))
     cursor = ctypes.c_char_p(ctypes.addressof(buffer))
@@ -251,4 +275,11 @@ def _load_x509(lib: Any, data: bytes) -> Any:
     return x509
 
 
-__all__ = ["CURVE", "OpenSslError", "WorkloadKey", "issued_by", "new_key_and_csr"]
+__all__ = [
+    "CURVE",
+    "OpenSslError",
+    "WorkloadKey",
+    "is_certificate",
+    "issued_by",
+    "new_key_and_csr",
+]

@@ -143,11 +143,12 @@ async def serve_signing(
         try:
             request = json.loads(data)
             request_id = request.get("id")
-            asked = csr_identity(str(request["csr"]))
+            asked, checked_csr = csr_identity(str(request["csr"]))
             if asked != identity:
                 raise IdentityNotPermitted(f"the worker for {identity.uri} asked for {asked.uri}")
             lifetime = dt.timedelta(seconds=float(request["lifetime_s"]))
-            chain = await node_signer.sign(str(request["csr"]).encode(), identity, lifetime)
+            # The CA gets exactly the request that was checked, not the worker's text.
+            chain = await node_signer.sign(checked_csr, identity, lifetime)
             answer = {"id": request_id, "chain": chain}
         except IdentityNotPermitted as exc:
             log.warning("worker certificate request refused", worker=identity.uri, error=str(exc))
@@ -158,19 +159,34 @@ async def serve_signing(
         await sock.send(json.dumps(answer).encode())
 
 
-def csr_identity(csr_pem: str) -> SpiffeId:
-    """The one SPIFFE ID a PEM CSR asks for; :class:`InvalidCsr` for anything else."""
+#: A workload CSR is well under 1 KiB; anything much larger is not one.
+MAX_CSR_TEXT = 8192
+
+
+def csr_identity(csr_pem: str) -> tuple[SpiffeId, bytes]:
+    """The one SPIFFE ID a PEM CSR asks for, and the CSR re-encoded from what was read.
+
+    The text must be one ``CERTIFICATE REQUEST`` block and nothing else, of the
+    one shape a workload CSR has (:func:`identity.der.csr_uri_sans`) with exactly
+    one URI SAN; the caller forwards the re-encoded request, so the CA reads
+    the very bytes checked here. :class:`InvalidCsr` for anything else.
+    """
+    if len(csr_pem) > MAX_CSR_TEXT:
+        raise InvalidCsr(f"a CSR of {len(csr_pem)} characters; at most {MAX_CSR_TEXT}")
     try:
-        (request,) = der.pem_blocks(csr_pem, "CERTIFICATE REQUEST")
-        uris = der.csr_uri_sans(request)
-    except (der.DerError, ValueError) as exc:
+        blocks = der.pem_blocks(csr_pem, "CERTIFICATE REQUEST", exclusive=True)
+        if len(blocks) != 1:
+            raise der.DerError(f"{len(blocks)} requests in one message")
+        uris = der.csr_uri_sans(blocks[0])
+    except der.DerError as exc:
         raise InvalidCsr(f"not one PEM certificate request: {exc}") from None
     if len(uris) != 1:
         raise InvalidCsr(f"a workload CSR asks for exactly one URI SAN, this one for {len(uris)}")
     try:
-        return SpiffeId.parse(uris[0])
+        identity = SpiffeId.parse(uris[0])
     except InvalidSpiffeId as exc:
         raise InvalidCsr(f"the CSR's URI SAN is not a workload SPIFFE ID: {exc}") from None
+    return identity, der.to_pem(blocks[0], "CERTIFICATE REQUEST")
 
 
 # -- state: the xDS relay --------------------------------------------------------------------

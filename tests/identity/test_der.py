@@ -171,3 +171,26 @@ def test_encode_writes_long_form_lengths() -> None:
     assert der.encode(der.OCTET_STRING, b"x" * 200)[:3] == b"\x04\x81\xc8"
     assert der.read_tlv(der.encode(der.OCTET_STRING, b"x" * 300)) == (0x04, 4, 304)
     assert base64.b64encode(der.encode(der.NULL, b"")) == b"BQA="
+
+
+def test_exclusive_pem_is_the_label_and_nothing_else() -> None:
+    root = make_root()
+    assert der.pem_blocks(root.cert_pem, exclusive=True) == [as_der(root.cert)]
+    for text, reason in [
+        (b"comment\n" + root.cert_pem, "text outside"),
+        (root.cert_pem + root.key_pem, "PRIVATE KEY PEM block where only CERTIFICATE"),
+        (root.cert_pem.replace(b"-----END CERTIFICATE-----", b""), "not terminated"),
+        (root.cert_pem.replace(b"CERTIFICATE-----\n", b"CERTIFICATE-- \n", 1), "malformed"),
+    ]:
+        with pytest.raises(DerError, match=reason):
+            der.pem_blocks(text, exclusive=True)
+
+
+def test_pem_reading_takes_linear_time_on_hostile_input() -> None:
+    # A backtracking pattern took seconds on this; the line scanner takes milliseconds.
+    hostile = b"-----BEGIN A-----\n" * 20_000
+    with pytest.raises(DerError, match="not terminated"):
+        der.pem_blocks(hostile)
+    nested = b"-----BEGIN CERTIFICATE-----\n" + b"AAAA\n" * 20_000
+    with pytest.raises(DerError, match="not terminated"):
+        der.pem_blocks(nested)

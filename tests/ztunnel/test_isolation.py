@@ -13,8 +13,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from identity import keys
-from identity.ca import CertificateAuthority, build_csr, generate_workload_key
+from identity import der, keys
+from identity.ca import CertificateAuthority, build_csr, generate_workload_key, validate_csr
 from identity.certmanager import LocalCaSigner
 from identity.certs import identity_of
 from identity.errors import IdentityNotPermitted, InvalidCsr
@@ -80,8 +80,10 @@ def test_worker_command_line_carries_no_credential() -> None:
 
 def test_the_supervisor_reads_the_identity_a_csr_asks_for() -> None:
     # Both CSR writers: the CA side's (cryptography) and the data plane's (libcrypto).
-    assert csr_identity(csr_for(MINE).decode()) == MINE
-    assert csr_identity(keys.new_key_and_csr(OTHER)[1].decode()) == OTHER
+    ours = csr_for(MINE)
+    assert csr_identity(ours.decode()) == (MINE, ours)
+    theirs = keys.new_key_and_csr(OTHER)[1]
+    assert csr_identity(theirs.decode()) == (OTHER, theirs)
 
 
 @pytest.mark.parametrize(
@@ -118,3 +120,84 @@ def test_a_csr_that_is_not_for_one_workload_identity_is_refused(
 def test_what_is_not_a_csr_is_refused(text: str) -> None:
     with pytest.raises(InvalidCsr, match="not one PEM certificate request"):
         csr_identity(text)
+
+
+# -- a CSR with a second reading for another parser -----------------------------------------
+
+_KEY = ec.generate_private_key(ec.SECP256R1())
+_SPKI = _KEY.public_key().public_bytes(
+    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+)
+_MS_EXT_REQ = bytes.fromhex("2b06010401823702010e")  # 1.3.6.1.4.1.311.2.1.14, read by cryptography
+VICTIM = SpiffeId("cluster.local", "kube-system", "admin")
+
+
+def _san(uri: str) -> bytes:
+    e = der.encode
+    names = e(der.SEQUENCE, e(der.URI_NAME, uri.encode()))
+    return e(
+        der.SEQUENCE,
+        e(der.OID, der.OID_SUBJECT_ALT_NAME) + e(der.BOOLEAN, b"\xff") + e(der.OCTET_STRING, names),
+    )
+
+
+def _attribute(oid: bytes, *values: list[bytes]) -> bytes:
+    e = der.encode
+    body = b"".join(e(der.SEQUENCE, b"".join(v)) for v in values)
+    return e(der.SEQUENCE, e(der.OID, oid) + e(der.SET, body))
+
+
+def _csr(*attributes: bytes, label: str = "CERTIFICATE REQUEST") -> str:
+    e = der.encode
+    info = e(
+        der.SEQUENCE,
+        e(der.INTEGER, b"\x00")
+        + e(der.SEQUENCE, b"")
+        + _SPKI
+        + e(der.EXPLICIT_0, b"".join(attributes)),
+    )
+    signature = _KEY.sign(info, ec.ECDSA(hashes.SHA256()))
+    return der.to_pem(der.csr(info, signature), label).decode()
+
+
+_OWN = _csr(_attribute(der.OID_EXTENSION_REQUEST, [_san(MINE.uri)]))
+_VICTIM = _csr(_attribute(der.OID_EXTENSION_REQUEST, [_san(VICTIM.uri)]))
+SECOND_READINGS = {
+    "msExtReq first": _csr(
+        _attribute(_MS_EXT_REQ, [_san(VICTIM.uri)]),
+        _attribute(der.OID_EXTENSION_REQUEST, [_san(MINE.uri)]),
+    ),
+    "two extensionRequests": _csr(
+        _attribute(der.OID_EXTENSION_REQUEST, [_san(MINE.uri)]),
+        _attribute(der.OID_EXTENSION_REQUEST, [_san(VICTIM.uri)]),
+    ),
+    "two SAN extensions": _csr(
+        _attribute(der.OID_EXTENSION_REQUEST, [_san(MINE.uri), _san(VICTIM.uri)])
+    ),
+    "two Extensions values": _csr(
+        _attribute(der.OID_EXTENSION_REQUEST, [_san(MINE.uri)], [_san(VICTIM.uri)])
+    ),
+    "NEW CERTIFICATE REQUEST block first": _csr(
+        _attribute(der.OID_EXTENSION_REQUEST, [_san(VICTIM.uri)]), label="NEW CERTIFICATE REQUEST"
+    )
+    + _OWN,
+    "victim block with a trailing space": _VICTIM.replace("REQUEST-----\n", "REQUEST----- \n", 1)
+    + _OWN,
+    "victim block ending in CR": _VICTIM.replace("REQUEST-----\n", "REQUEST-----\r", 1) + _OWN,
+    "two blocks": _VICTIM + _OWN,
+    "text before the block": "comment\n" + _OWN,
+    "a huge message": _OWN + "\n" * 9000,
+    "nested BEGIN lines": "-----BEGIN A-----\n" * 4000,
+}
+
+
+@pytest.mark.parametrize("name", sorted(SECOND_READINGS))
+def test_a_csr_another_parser_could_read_otherwise_is_refused(name: str) -> None:
+    with pytest.raises(InvalidCsr):
+        csr_identity(SECOND_READINGS[name])
+
+
+def test_the_ca_reads_exactly_what_the_supervisor_checked() -> None:
+    asked, forwarded = csr_identity(_OWN)
+    assert asked == MINE
+    assert validate_csr(forwarded).identity == MINE
