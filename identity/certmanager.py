@@ -828,7 +828,7 @@ class CertificateManager:
         log.info(
             "trust bundle changed",
             version=self._bundle.version,
-            roots=len(self._bundle.roots_der),
+            roots=[der.display_name(der.parse_certificate(r).subject) for r in roots],
         )
 
 

@@ -320,6 +320,14 @@ def name_string(name: bytes) -> str:
     return ",".join(reversed(rdns))
 
 
+def display_name(name: bytes) -> str:
+    """:func:`name_string` for logs and views, which must not fail over a name they show."""
+    try:
+        return name_string(name)
+    except DerError as exc:
+        return f"(unreadable name: {exc})"
+
+
 def _escape_rdn_value(text: str) -> str:
     """RFC 4514 section 2.4 escaping of one attribute value."""
     out = []
@@ -448,6 +456,7 @@ __all__ = [
     "csr",
     "csr_info",
     "csr_uri_sans",
+    "display_name",
     "encode",
     "name_string",
     "oid_string",

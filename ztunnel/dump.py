@@ -220,22 +220,14 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _name(name: bytes) -> str:
-    # A name the display cannot render must not fail the whole dump.
-    try:
-        return der.name_string(name)
-    except der.DerError as exc:
-        return f"(unreadable name: {exc})"
-
-
 def _chain_entry(cert_der: bytes, kind: str, now: dt.datetime) -> JSON:
     facts = der.parse_certificate(cert_der)
     not_before = facts.not_before
     not_after = facts.not_after
     return {
         "type": kind,
-        "subject": _name(facts.subject),
-        "issuer": _name(facts.issuer),
+        "subject": der.display_name(facts.subject),
+        "issuer": der.display_name(facts.issuer),
         "serial": f"{facts.serial:x}",
         "not_before": _iso(not_before),
         "not_after": _iso(not_after),

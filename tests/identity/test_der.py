@@ -194,3 +194,10 @@ def test_pem_reading_takes_linear_time_on_hostile_input() -> None:
     nested = b"-----BEGIN CERTIFICATE-----\n" + b"AAAA\n" * 20_000
     with pytest.raises(DerError, match="not terminated"):
         der.pem_blocks(nested)
+
+
+def test_display_name_shows_what_it_cannot_render_instead_of_failing() -> None:
+    root = make_root("Mesh Root")
+    subject = der.parse_certificate(as_der(root.cert)).subject
+    assert der.display_name(subject) == root.cert.subject.rfc4514_string()
+    assert der.display_name(b"\x04\x00").startswith("(unreadable name: ")
