@@ -47,6 +47,7 @@ from ztunnel.pod import ProxySettings, Shared
 from ztunnel.pods import PodManager
 from ztunnel.state.store import StateStore
 from ztunnel.xds_source import XdsSource, XdsTls, ZtunnelNode
+from ztunnel.zygote import Zygote
 
 if TYPE_CHECKING:
     from ztunnel.local_config import LocalConfigSource
@@ -96,6 +97,8 @@ class ZtunnelConfig:
     worker_base_argv: tuple[str, ...] = ()
     #: A mode-3 worker: its identity and the sockets inherited from its supervisor.
     worker: WorkerSettings | None = None
+    #: Mode 3's supervisor: where workers are forked from (None: a new interpreter each).
+    zygote: Zygote | None = None
     #: Mode 1 (our own sidecar) / mode 4's waypoint stand-in: serve the pod this
     #: process runs in, with that pod's own token.
     dedicated: WorkloadInfo | None = None
@@ -162,6 +165,7 @@ class Ztunnel:
         result["mode"] = self.mode
         if isinstance(self.pods, IsolatingPodManager):
             result["workers"] = self.pods.workers()
+            result["zygote"] = self.pods.zygote_pid
         result["pods"] = [
             {
                 "uid": p.uid,
@@ -256,6 +260,7 @@ class Ztunnel:
                     config.zds_socket,
                     node_signer=_ca_signer(config, impersonate=True),
                     worker_argv=worker_command(argv),
+                    zygote=config.zygote,
                 )
             else:
                 self.pods = PodManager(shared, config.zds_socket)

@@ -63,6 +63,7 @@ from underpass.xds.types import DELTA_METHOD_PATH
 from ztunnel.inpod import PodNetns
 from ztunnel.pod import Shared
 from ztunnel.pods import PodManager, PodSummary
+from ztunnel.zygote import ForkedWorker, Zygote
 
 if TYPE_CHECKING:
     import grpc
@@ -268,7 +269,7 @@ class XdsRelay:
 @dataclass(eq=False)
 class _Worker:
     identity: SpiffeId
-    process: trio.Process
+    process: trio.Process | ForkedWorker
     channel: trio.socket.SocketType
     protocol: zds.AgentProtocol = field(default_factory=zds.AgentProtocol)
     lock: trio.Lock = field(default_factory=trio.Lock)
@@ -289,13 +290,21 @@ class IsolatingPodManager(PodManager):
         *,
         node_signer: CertificateSigner,
         worker_argv: WorkerArgv,
+        zygote: Zygote | None = None,
     ) -> None:
         super().__init__(shared, zds_socket)
         self._node_signer = node_signer
         self._worker_argv = worker_argv
+        self._zygote = zygote
+        self._zygote_reading = False
         self._workers: dict[SpiffeId, _Worker] = {}
         self._starting: dict[SpiffeId, trio.Event] = {}
         self._pod_owner: dict[str, SpiffeId] = {}
+
+    @property
+    def zygote_pid(self) -> int | None:
+        """The process workers are forked from (None: each worker is a new interpreter)."""
+        return self._zygote.pid if self._zygote is not None else None
 
     def workers(self) -> list[dict[str, Any]]:
         return [
@@ -324,6 +333,8 @@ class IsolatingPodManager(PodManager):
         async with trio.open_nursery() as nursery:
             for worker in list(self._workers.values()):
                 nursery.start_soon(self._stop_worker, worker, drain_timeout)
+        if self._zygote is not None:
+            self._zygote.close()
 
     # -- requests from the agent ------------------------------------------------------
 
@@ -401,11 +412,21 @@ class IsolatingPodManager(PodManager):
         sign_ours, sign_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             argv = self._worker_argv(identity, zds_theirs.fileno(), sign_theirs.fileno())
-            process = await trio.lowlevel.open_process(
-                argv,
-                pass_fds=(zds_theirs.fileno(), sign_theirs.fileno()),
-                stdin=subprocess.DEVNULL,
-            )
+            process: trio.Process | ForkedWorker
+            if self._zygote is not None:
+                if not self._zygote_reading:
+                    assert self._nursery is not None
+                    await self._nursery.start(self._zygote.run)
+                    self._zygote_reading = True
+                process = await self._zygote.spawn(
+                    argv, (zds_theirs.fileno(), sign_theirs.fileno())
+                )
+            else:
+                process = await trio.lowlevel.open_process(
+                    argv,
+                    pass_fds=(zds_theirs.fileno(), sign_theirs.fileno()),
+                    stdin=subprocess.DEVNULL,
+                )
         finally:
             zds_theirs.close()
             sign_theirs.close()
@@ -442,6 +463,8 @@ class IsolatingPodManager(PodManager):
         finally:
             signing.close()
             worker.channel.close()
+            if isinstance(worker.process, ForkedWorker):
+                worker.process.close()
         if self._workers.get(worker.identity) is worker:
             del self._workers[worker.identity]
         if worker.stopping or not worker.pods:

@@ -101,6 +101,27 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def memory_contains(pid: int, needle: bytes) -> bool:
+    """Whether ``needle`` is anywhere in the process's readable memory (/proc/<pid>/mem)."""
+    with open(f"/proc/{pid}/maps", encoding="ascii", errors="replace") as maps:
+        regions = []
+        for line in maps:
+            fields = line.split()
+            if "r" not in fields[1] or (len(fields) > 5 and fields[5] in ("[vvar]", "[vsyscall]")):
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            regions.append((start, end))
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for start, end in regions:
+            try:
+                mem.seek(start)
+                if needle in mem.read(end - start):
+                    return True
+            except OSError:
+                continue  # a region that went away or cannot be read
+    return False
+
+
 def cmdline(pid: int) -> list[str]:
     with open(f"/proc/{pid}/cmdline", "rb") as fh:
         return fh.read().decode().split("\0")
@@ -135,20 +156,24 @@ def test_mode_3_a_worker_per_service_account(lab: LabHandle) -> None:
         assert dump["certificates"] == []
         workers = {w["identity"]: w for w in dump["workers"]}
         assert set(workers) == {identity(p) for p in node1}
+        # workers are forked from the supervisor's zygote, its only child
         supervisor = ztunnel_pid(lab, "node-1")
+        zygote = dump["zygote"]
+        assert children(supervisor) == [zygote]
         worker_pids = sorted(w["pid"] for w in workers.values())
-        assert sorted(children(supervisor)) == worker_pids
+        assert sorted(children(zygote)) == worker_pids
         token = (lab.state_dir / "nodes" / "node-1" / "ztunnel.token").read_text().strip()
-        for pid in worker_pids:
-            argv = cmdline(pid)
-            assert argv[argv.index("--token-file") + 1] == os.devnull
-            assert not any("ztunnel.token" in a for a in argv)
+        for pid in [zygote, *worker_pids]:
+            # the node token is nowhere in the zygote or a worker: not in its command
+            # line, environment, open files, nor anywhere in its memory
+            assert token not in " ".join(cmdline(pid))
             environ = Path(f"/proc/{pid}/environ").read_bytes()
             assert token.encode() not in environ
-            # no file descriptor of the worker is the node's token file
             for fd in os.listdir(f"/proc/{pid}/fd"):
                 with contextlib.suppress(OSError):
                     assert not os.readlink(f"/proc/{pid}/fd/{fd}").endswith("ztunnel.token")
+            assert memory_contains(pid, b"--isolation")  # the scan works: argv is found
+            assert not memory_contains(pid, token.encode()), f"the token is in {pid}'s memory"
         issued = log_lines(log, "certificate issued")
         assert {e["identity"] for e in issued} >= {identity(p) for p in node1}
     finally:

@@ -251,6 +251,13 @@ def run(args: argparse.Namespace) -> int:
             pod_ip=args.pod_ip,
         )
     endpoints_on = worker is None
+    zygote = None
+    if args.isolation == "service-account" and worker is None and dedicated is None:
+        from ztunnel.zygote import Zygote
+
+        # Workers are forked from a zygote that shares this process's imported modules.
+        # Now, before any thread, event loop or credential: the zygote copies what we hold.
+        zygote = Zygote.fork()
     config = ZtunnelConfig(
         proxy=ProxySettings(
             node=args.node,
@@ -274,6 +281,7 @@ def run(args: argparse.Namespace) -> int:
         worker_base_argv=tuple(_worker_base_argv(args)),
         worker=worker,
         dedicated=dedicated,
+        zygote=zygote,
     )
 
     async def main() -> None:

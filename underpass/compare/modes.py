@@ -471,8 +471,9 @@ class ServiceAccountMode(NodeMode):
     title = "ztunnel worker per service account per node"
     notes = (
         "each node's ztunnel runs as a supervisor (the node's token, no workload key) and one "
-        "worker process per service account with pods on the node (that account's key only); "
-        "the supervisor and all its workers are measured",
+        "worker process per service account with pods on the node (that account's key only), "
+        "forked from a zygote that holds no credential, so that they share the interpreter's "
+        "pages; the supervisor, the zygote and all the workers are measured",
     )
     ztunnel_role = "ztunnel-supervisor"
 
@@ -493,24 +494,33 @@ class ServiceAccountMode(NodeMode):
         for node in workload.nodes:
             self.workers += await self._await_workers(ctx, node)
         ctx.say(
-            f"{len(self.workers)} workers on {len(workload.nodes)} nodes "
-            f"({len({w.identity for w in self.workers})} service accounts)"
+            f"{sum(1 for w in self.workers if w.identity)} workers on {len(workload.nodes)} "
+            f"nodes ({len({w.identity for w in self.workers if w.identity})} service accounts)"
         )
 
     async def _await_workers(self, ctx: ModeContext, node: Node) -> list[ProxyProcess]:
-        """The node's workers once there is exactly one per service account with a pod
-        there, each a child of the supervisor, and the supervisor has no other child."""
+        """The node's workers (and their zygote) once there is exactly one per service
+        account with a pod there, each a child of the supervisor's zygote (or, without
+        one, of the supervisor), and no other process among them."""
         wanted = {identity_of(p).uri for p in ctx.workload.pods_on(node.name)}
         supervisor = self._ztunnel_pid(ctx, node)
         found: dict[str, int] = {}
         held: list[str] = []
+        zygote: list[int] = []
 
         def done() -> bool:
             dump = _config_dump(node.netns, f"ztunnel on {node.name}")
             workers = {str(w["identity"]): int(w["pid"]) for w in dump.get("workers", [])}
-            if set(workers) != wanted or set(workers.values()) != _children(supervisor):
+            forked_from = dump.get("zygote")
+            parent = supervisor
+            if forked_from is not None:
+                if _children(supervisor) != {int(forked_from)}:
+                    return False
+                parent = int(forked_from)
+            if set(workers) != wanted or set(workers.values()) != _children(parent):
                 return False
             found.update(workers)
+            zygote[:] = [int(forked_from)] if forked_from is not None else []
             held.extend(str(c.get("identity")) for c in dump.get("certificates", []))
             return True
 
@@ -526,7 +536,7 @@ class ServiceAccountMode(NodeMode):
                 f"the supervisor on {node.name} holds workload certificates ({', '.join(held)}): "
                 "in mode 3 only its workers hold keys, one service account each"
             )
-        return [
+        return [ProxyProcess(pid, "ztunnel-zygote", node.name) for pid in zygote] + [
             ProxyProcess(pid, "ztunnel-worker", node.name, identity=identity)
             for identity, pid in sorted(found.items())
         ]

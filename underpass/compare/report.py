@@ -112,6 +112,7 @@ def percent(share: float | None) -> str | None:
 #: Shorter names of proxy roles in the table's proxies column.
 _ROLE_LABELS: Final = {
     "ztunnel-supervisor": "supervisor",
+    "ztunnel-zygote": "zygote",
     "ztunnel-worker": "worker",
     "waypoint-stand-in": "waypoint",
 }
