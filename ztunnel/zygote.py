@@ -284,7 +284,12 @@ class Zygote:
         return cls(pid, parent_end)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Read the zygote's messages until it goes (then every worker is gone too)."""
+        """Read the zygote's messages until it goes (then every worker is gone too).
+
+        A zygote that goes without :meth:`close` raises :class:`ZygoteError`: the
+        supervisor cannot start workers any more, so it fails (and is restarted)
+        rather than serve on without them.
+        """
         task_status.started()
         try:
             while True:
@@ -304,9 +309,9 @@ class Zygote:
                 else:
                     await self._reply.send((message, fds))
         finally:
-            if not self._closing:
-                log.error("the zygote is gone; no more workers can start", pid=self.pid)
             self._reply.close()
+        if not self._closing:
+            raise ZygoteError(f"the zygote (pid {self.pid}) exited: no worker can start any more")
 
     async def spawn(self, argv: Sequence[str], fds: tuple[int, int]) -> ForkedWorker:
         """A new worker running ``argv`` (``python -m underpass.cli.main ... ztunnel ...``)

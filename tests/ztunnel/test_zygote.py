@@ -123,3 +123,34 @@ def test_worker_words_set_the_socket_options_to_the_zygotes_fds() -> None:
         worker_words(["python", "other.py", "--worker-zds-fd", "1"], 1, 2)
     with pytest.raises(ZygoteError, match="--worker-signer-fd once"):
         worker_words(argv[:-2], 1, 2)
+
+
+LOST = textwrap.dedent(
+    """
+    import os, signal
+    import trio
+    from ztunnel.zygote import Zygote, ZygoteError
+
+    zygote = Zygote.fork()
+
+    async def main():
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(zygote.run)
+                os.kill(zygote.pid, signal.SIGKILL)
+        except* ZygoteError as group:
+            print("raised:", group.exceptions[0])
+
+    trio.run(main)
+    os.waitpid(zygote.pid, 0)
+    """
+)
+
+
+def test_a_zygote_that_goes_on_its_own_fails_the_supervisor() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", LOST], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "raised: the zygote (pid" in result.stdout
+    assert "no worker can start any more" in result.stdout
