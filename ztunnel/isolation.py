@@ -415,9 +415,9 @@ class IsolatingPodManager(PodManager):
             process: trio.Process | ForkedWorker
             if self._zygote is not None:
                 if not self._zygote_reading:
+                    self._zygote_reading = True  # before the await: one reader, ever
                     assert self._nursery is not None
                     await self._nursery.start(self._zygote.run)
-                    self._zygote_reading = True
                 process = await self._zygote.spawn(
                     argv, (zds_theirs.fileno(), sign_theirs.fileno())
                 )
@@ -427,6 +427,10 @@ class IsolatingPodManager(PodManager):
                     pass_fds=(zds_theirs.fileno(), sign_theirs.fileno()),
                     stdin=subprocess.DEVNULL,
                 )
+        except BaseException:
+            zds_ours.close()
+            sign_ours.close()
+            raise
         finally:
             zds_theirs.close()
             sign_theirs.close()
@@ -444,6 +448,8 @@ class IsolatingPodManager(PodManager):
         except BaseException:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
+            if isinstance(process, ForkedWorker):
+                process.close()
             worker.channel.close()
             signing.close()
             raise

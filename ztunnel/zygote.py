@@ -14,17 +14,24 @@ sees it: pid, ``wait``, signals, through a pidfd) and the zygote's own loop.
 
 Protocol on a SOCK_SEQPACKET socketpair, one JSON object per message:
 
-- supervisor -> zygote: ``{"argv": [...]}`` with the worker's two sockets in
-  SCM_RIGHTS; the values of ``--worker-zds-fd`` / ``--worker-signer-fd`` in
-  ``argv`` are replaced by the numbers the fds have in the zygote;
-- zygote -> supervisor: ``{"pid": N}`` with a pidfd of the new worker (opened
-  by its parent, so it can never name another process), or ``{"error": ...}``;
-  later ``{"exited": N, "status": S}`` when the zygote reaps a worker.
+- supervisor -> zygote: ``{"id": N, "argv": [...]}`` with the worker's two
+  sockets in SCM_RIGHTS; the values of ``--worker-zds-fd`` /
+  ``--worker-signer-fd`` in ``argv`` are replaced by the numbers the fds have
+  in the zygote;
+- zygote -> supervisor: ``{"id": N, "pid": P}`` with a pidfd of the new worker
+  (opened by its parent before it could reap, so it can never name another
+  process), or ``{"id": N, "error": ...}``; later ``{"exited": P, "status": S}``
+  when the zygote reaps a worker. An answer nobody waits for any more (the
+  request was cancelled or timed out) gets its worker killed.
 
-Fail closed: the zygote exits when the supervisor goes (EOF, and a parent-
-death signal), taking its workers with it; a worker dies with the zygote.
-What the zygote holds is what the supervisor held when it forked: command-line
-options and public roots, never the node token (read only later, on use).
+Fail closed: the zygote stops its workers (SIGTERM, then SIGKILL after a grace)
+and exits when the supervisor closes it or dies (EOF, a parent-death SIGTERM);
+a worker also dies with the zygote. What the zygote holds is what the
+supervisor held when it forked: command-line options and public roots, never
+the node token (read only later, on use). The price of sharing pages: the
+supervisor, the zygote and the workers also share their address-space layout,
+stack canary and hash seed, so a memory disclosure in one tells an attacker
+those of the others.
 """
 
 from __future__ import annotations
@@ -33,14 +40,17 @@ import array
 import contextlib
 import ctypes
 import gc
+import itertools
 import json
 import os
 import select
 import signal
 import socket
 import sys
+import time
 import traceback
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Final, NoReturn
 
 import structlog
@@ -51,8 +61,11 @@ log = structlog.get_logger("ztunnel.zygote")
 _MAX_MESSAGE: Final = 65536
 _PR_SET_PDEATHSIG: Final = 1
 _FD_FLAGS: Final = ("--worker-zds-fd", "--worker-signer-fd")
-#: How long a worker that was told to stop, or whose zygote went, may take.
-_STOP_GRACE: Final = 5.0
+#: How long the zygote lets its workers drain when it stops before killing them.
+_STOP_GRACE: Final = 35.0
+#: How long the supervisor waits for the zygote's answer to a request, or for the
+#: exit status of a worker it saw exit.
+_REPLY_TIMEOUT: Final = 10.0
 
 
 class ZygoteError(OSError):
@@ -93,9 +106,11 @@ def _serve(control: socket.socket) -> NoReturn:
     os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    stopping: list[bool] = []
     signal.signal(signal.SIGCHLD, lambda *_: None)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    # SIGTERM (also what the supervisor's death sends) stops the workers first, as EOF does.
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     children: set[int] = set()
     poller = select.poll()
     poller.register(keep, select.POLLIN)
@@ -112,40 +127,67 @@ def _serve(control: socket.socket) -> NoReturn:
             except OSError:
                 data, fds = b"", []
             if not data:
-                _stop_children(children)
-                os._exit(0)
+                stopping.append(True)
+                break
             try:
-                pid = _fork_worker(control, data, fds, (wake_r, wake_w))
+                _fork_worker(control, data, fds, (wake_r, wake_w), children)
             except Exception as exc:
-                _send(control, {"error": f"{type(exc).__name__}: {exc}"})
-            else:
-                children.add(pid)
+                with contextlib.suppress(OSError):
+                    _send(
+                        control, {"id": _request_id(data), "error": f"{type(exc).__name__}: {exc}"}
+                    )
             finally:
                 for fd in fds:
                     with contextlib.suppress(OSError):
                         os.close(fd)
+        if stopping:
+            _stop_children(children)
+            os._exit(0)
+
+
+def _request_id(data: bytes) -> object:
+    try:
+        return json.loads(data).get("id")
+    except (ValueError, AttributeError):
+        return None
 
 
 def _fork_worker(
-    control: socket.socket, data: bytes, fds: list[int], private: tuple[int, int]
-) -> int:
+    control: socket.socket,
+    data: bytes,
+    fds: list[int],
+    private: tuple[int, int],
+    children: set[int],
+) -> None:
     request = json.loads(data)
     if len(fds) != 2 or not isinstance(request.get("argv"), list):
-        raise ZygoteError("a worker request is {argv} with two sockets")
+        raise ZygoteError("a worker request is {id, argv} with two sockets")
     words = worker_words(request["argv"], fds[0], fds[1])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # the worker
-        _become_worker(control, private, words)
-    pidfd = os.pidfd_open(pid)
+        _become_worker(control, private, words, parent)
+    children.add(pid)  # reaped whatever happens next
     try:
-        _send(control, {"pid": pid}, [pidfd])
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        os.kill(pid, signal.SIGKILL)
+        raise
+    try:
+        _send(control, {"id": request.get("id"), "pid": pid}, [pidfd])
+    except OSError:
+        os.kill(pid, signal.SIGKILL)
+        raise
     finally:
         os.close(pidfd)
-    return pid
 
 
-def _become_worker(control: socket.socket, private: tuple[int, int], words: list[str]) -> NoReturn:
-    code = 1
+def _become_worker(
+    control: socket.socket, private: tuple[int, int], words: list[str], parent: int
+) -> NoReturn:
+    code: int = 1
     try:
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
@@ -154,21 +196,33 @@ def _become_worker(control: socket.socket, private: tuple[int, int], words: list
         for fd in private:
             os.close(fd)
         _die_with_parent()
+        if os.getppid() != parent:  # the zygote died before the death signal was set
+            os._exit(1)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
         from underpass.cli.main import main
 
         code = main(words)
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
+        if exc.code is None:
+            code = 0
+        elif isinstance(exc.code, int):
+            code = exc.code
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
     except BaseException:
         traceback.print_exc()
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
         os._exit(code)
 
 
 def _reap(control: socket.socket, children: set[int]) -> None:
-    while children:
+    while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
@@ -181,11 +235,23 @@ def _reap(control: socket.socket, children: set[int]) -> None:
 
 
 def _stop_children(children: set[int]) -> None:
+    """SIGTERM every worker (they drain), SIGKILL what is left after the grace, reap all."""
     for pid in children:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-    # They drain on SIGTERM; the zygote's parent is gone, so nobody else will wait.
-    signal.alarm(int(_STOP_GRACE) + 1)
+    deadline = time.monotonic() + _STOP_GRACE
+    while children and time.monotonic() < deadline:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid:
+            children.discard(pid)
+        else:
+            time.sleep(0.05)
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     for _ in list(children):
         with contextlib.suppress(ChildProcessError):
             os.wait()
@@ -232,7 +298,7 @@ class ForkedWorker:
             try:
                 await trio.lowlevel.wait_readable(self._pidfd)
                 # The zygote reports the status when it reaps; if it is gone, none comes.
-                with trio.move_on_after(_STOP_GRACE):
+                with trio.move_on_after(_REPLY_TIMEOUT):
                     await self._reported.wait()
                 self.returncode = self._status if self._status is not None else -1
             finally:
@@ -242,14 +308,26 @@ class ForkedWorker:
         return self.returncode
 
     def send_signal(self, sig: int) -> None:
+        if self._pidfd < 0:
+            raise ProcessLookupError(f"worker {self.pid} is no longer watched")
         signal.pidfd_send_signal(self._pidfd, sig)
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self._pidfd)
+        pidfd, self._pidfd = self._pidfd, -1
+        if pidfd >= 0:
+            os.close(pidfd)
+
+
+@dataclass
+class _Pending:
+    """A spawn request waiting for the zygote's answer."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    worker: ForkedWorker | None = None
+    error: str | None = None
 
 
 class Zygote:
@@ -258,18 +336,19 @@ class Zygote:
     def __init__(self, pid: int, control: socket.socket) -> None:
         self.pid = pid
         self._control = trio.socket.from_stdlib_socket(control)
-        self._lock = trio.Lock()
-        self._reply: trio.MemorySendChannel[tuple[dict[str, Any], list[int]]]
-        self._replies: trio.MemoryReceiveChannel[tuple[dict[str, Any], list[int]]]
-        self._reply, self._replies = trio.open_memory_channel(1)
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
         self._workers: dict[int, ForkedWorker] = {}
         self._closing = False
+        self._gone = False
 
     @classmethod
     def fork(cls) -> Zygote:
         """Fork the zygote now. Call it before any thread or event loop starts, and
         before reading any credential: the zygote keeps a copy of this process."""
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sys.stdout.flush()  # else what is buffered is written again by the zygote
+        sys.stderr.flush()
         gc.collect()
         gc.freeze()  # the collector would otherwise write into every shared page
         pid = os.fork()
@@ -299,39 +378,76 @@ class Zygote:
                     break
                 if not data:
                     break
-                message = json.loads(data)
-                if "exited" in message:
-                    worker = self._workers.pop(int(message["exited"]), None)
-                    if worker is not None:
-                        worker._exited(int(message["status"]))
-                    for fd in fds:
-                        os.close(fd)
-                else:
-                    await self._reply.send((message, fds))
+                self._dispatch(json.loads(data), fds)
         finally:
-            self._reply.close()
+            self._gone = True
+            for pending in self._pending.values():
+                pending.error = "the zygote is gone"
+                pending.done.set()
         if not self._closing:
             raise ZygoteError(f"the zygote (pid {self.pid}) exited: no worker can start any more")
+
+    def _dispatch(self, message: dict[str, Any], fds: list[int]) -> None:
+        if "exited" in message:
+            for fd in fds:
+                os.close(fd)
+            worker = self._workers.pop(int(message["exited"]), None)
+            if worker is not None:
+                worker._exited(int(message["status"]))
+            return
+        request_id = message.get("id")
+        pending = self._pending.pop(request_id, None) if isinstance(request_id, int) else None
+        if "pid" in message and len(fds) == 1:
+            # Registered here, before any exit report of it can be read (the zygote
+            # answers before it can reap).
+            worker = ForkedWorker(int(message["pid"]), fds[0])
+            self._workers[worker.pid] = worker
+            if pending is None:  # its requester gave up: nobody will watch this one
+                log.warning("a worker nobody waits for any more; killing it", pid=worker.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    worker.kill()
+                worker.close()
+                return
+            pending.worker = worker
+        else:
+            for fd in fds:
+                os.close(fd)
+            if pending is None:
+                return
+            pending.error = str(message.get("error") or "an answer without a worker")
+        pending.done.set()
 
     async def spawn(self, argv: Sequence[str], fds: tuple[int, int]) -> ForkedWorker:
         """A new worker running ``argv`` (``python -m underpass.cli.main ... ztunnel ...``)
         with ``fds`` as its ZDS and signer sockets."""
-        async with self._lock:
-            message = json.dumps({"argv": list(argv)}).encode()
-            try:
+        if self._gone or self._closing:
+            raise ZygoteError("the zygote is gone")
+        request_id = next(self._ids)
+        pending = self._pending[request_id] = _Pending()
+        message = json.dumps({"id": request_id, "argv": list(argv)}).encode()
+        try:
+            with trio.CancelScope(shield=True):  # a request is sent whole or not at all
                 await self._control.sendmsg(
                     [message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
                 )
-                reply, pidfds = await self._replies.receive()
-            except (OSError, trio.EndOfChannel, trio.ClosedResourceError) as exc:
-                raise ZygoteError(f"the zygote is gone: {exc}") from None
-            if "error" in reply or len(pidfds) != 1:
-                for fd in pidfds:
-                    os.close(fd)
-                raise ZygoteError(f"the zygote could not start the worker: {reply.get('error')}")
-            worker = ForkedWorker(int(reply["pid"]), pidfds[0])
-            self._workers[worker.pid] = worker
-            return worker
+            with trio.fail_after(_REPLY_TIMEOUT):
+                await pending.done.wait()
+        except trio.TooSlowError:
+            raise ZygoteError(f"the zygote did not answer within {_REPLY_TIMEOUT:g} s") from None
+        except (OSError, trio.ClosedResourceError) as exc:
+            raise ZygoteError(f"the zygote is gone: {exc}") from None
+        except BaseException:
+            if pending.worker is not None:  # answered, but we were cancelled meanwhile
+                with contextlib.suppress(ProcessLookupError):
+                    pending.worker.kill()
+                pending.worker.close()
+            raise
+        finally:
+            # Gone from the table: an answer arriving later kills the worker it names.
+            self._pending.pop(request_id, None)
+        if pending.worker is None:
+            raise ZygoteError(f"the zygote could not start the worker: {pending.error}")
+        return pending.worker
 
     def close(self) -> None:
         """Close the control socket: the zygote stops its workers and exits."""

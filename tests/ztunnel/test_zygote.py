@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -64,6 +65,12 @@ SUPERVISOR = textwrap.dedent(
             out["running_said_hello"] = len(hello) > 0
             running.send_signal(signal.SIGKILL)
             out["killed_code"] = await running.wait()
+            # A request whose requester gives up: its worker is killed, and the next
+            # request gets its own worker, not that one.
+            with trio.move_on_after(0):
+                await zygote.spawn(argv("version"), (a.fileno(), b.fileno()))
+            after = await zygote.spawn(argv("version"), (a.fileno(), b.fileno()))
+            out["after_cancel_code"] = await after.wait()
             # Bad requests are refused, and the zygote keeps serving.
             try:
                 await zygote.spawn([*PY, "version"], (a.fileno(), b.fileno()))
@@ -98,6 +105,7 @@ def test_workers_are_forked_waited_for_killed_and_refused_as_they_should() -> No
     assert out["killed_code"] == -9
     assert "--worker-zds-fd once" in out["bad_request"]
     assert out["again_code"] == 2
+    assert out["after_cancel_code"] == 2  # exited by itself (argparse), not killed (-9)
     assert out["zygote_gone"]
 
 
@@ -154,3 +162,59 @@ def test_a_zygote_that_goes_on_its_own_fails_the_supervisor() -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "raised: the zygote (pid" in result.stdout
     assert "no worker can start any more" in result.stdout
+
+
+ORPHANED = textwrap.dedent(
+    """
+    import json, os, socket, sys
+    import trio
+    import ztunnel.app
+    from ztunnel.zygote import Zygote
+
+    zygote = Zygote.fork()
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(zygote.run)
+            zds_ours, zds_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            sig_ours, sig_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            worker = await zygote.spawn(
+                [sys.executable, "-m", "underpass.cli.main", "--log-format", "json", "ztunnel",
+                 "--node", "n1", "--worker-identity", "spiffe://cluster.local/ns/a/sa/b",
+                 "--xds-address", "unix:/nonexistent/xds.sock", "--xds-plaintext",
+                 "--token-file", os.devnull,
+                 "--worker-zds-fd", "-1", "--worker-signer-fd", "-1"],
+                (zds_theirs.fileno(), sig_theirs.fileno()),
+            )
+            await trio.socket.from_stdlib_socket(zds_ours).recv(1024)  # it runs
+            print(json.dumps({"zygote": zygote.pid, "worker": worker.pid}), flush=True)
+            await trio.sleep_forever()
+
+    trio.run(main)
+    """
+)
+
+
+def test_when_the_supervisor_dies_the_zygote_stops_its_workers_and_exits() -> None:
+    with subprocess.Popen(
+        [sys.executable, "-c", ORPHANED], stdout=subprocess.PIPE, text=True
+    ) as supervisor:
+        assert supervisor.stdout is not None
+        pids = json.loads(supervisor.stdout.readline())
+        supervisor.kill()  # no clean-up of its own: the zygote must act alone
+        supervisor.wait()
+    deadline = time.monotonic() + 20
+    alive = [pids["zygote"], pids["worker"]]
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in alive if _running(pid)]
+        time.sleep(0.05)
+    assert alive == [], "the zygote or its worker outlived the supervisor"
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"

@@ -286,7 +286,18 @@ def run(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            ztunnel = await nursery.start(run_ztunnel, config)
+
+            async def serve(
+                *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+            ) -> None:
+                try:
+                    await run_ztunnel(config, task_status=task_status)
+                finally:
+                    # Stopped (e.g. a worker whose supervisor went before it was ready):
+                    # nothing is left to wait for.
+                    nursery.cancel_scope.cancel()
+
+            ztunnel = await nursery.start(serve)
             await ztunnel.wait_ready()
             log.info("ztunnel ready")
             if args.ready_fd is not None:
